@@ -1,0 +1,43 @@
+"""The checks: one module each, one `run(message) -> Finding` entry point, built from the config."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ..findings import Finding, Status
+from ..message import Message
+
+
+class Check:
+    """What the pipeline needs of a check.
+
+    `after` names checks whose findings `skip_reason` wants to see first (spamd waits for the
+    virus scan, so an infected message never costs a SpamAssassin run).
+    """
+
+    name: str = ""
+    critical: bool = False  # a failure makes the message UNCHECKED
+    after: tuple[str, ...] = ()
+    timeout: float = 30.0
+
+    def skip_reason(self, message: Message, earlier: Mapping[str, Finding]) -> str | None:
+        return None
+
+    def run(self, message: Message) -> Finding:
+        raise NotImplementedError
+
+    def finding(self, status: Status, **details) -> Finding:
+        return Finding(self.name, status, self.critical, **details)
+
+
+def build_checks(config) -> list[Check]:
+    """Every enabled check, in the order they are started."""
+    from .clamav import ClamavCheck
+    from .spamd import SpamdCheck
+
+    checks: list[Check] = []
+    if config.clamav.enabled:
+        checks.append(ClamavCheck(config.clamav.socket, config.clamav.timeout))
+    if config.spamd.enabled:
+        checks.append(SpamdCheck(config.spamd.address, config.spamd.timeout, config.spamd.max_size))
+    return checks

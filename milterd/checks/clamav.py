@@ -1,0 +1,89 @@
+"""ClamAV through clamd's INSTREAM, streamed from the spool; a list of sockets is a failover pool.
+
+clamd unpacks MIME and archives itself, so the raw message is all it needs.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import clamd
+
+from ..findings import Finding
+from ..message import CHUNK, Message
+from ..sanitize import printable
+from . import Check
+
+
+class _Instream:
+    """The clamd package's INSTREAM sends 1 KiB chunks with send() (which may write less than asked);
+    this one streams 64 KiB chunks with sendall() and lets socket timeouts through as TimeoutError."""
+
+    def scan_stream(self, stream) -> str:
+        self._init_socket()
+        sock = self.clamd_socket
+        try:
+            sock.sendall(b"nINSTREAM\n")
+            try:
+                while chunk := stream.read(CHUNK):
+                    sock.sendall(struct.pack("!L", len(chunk)) + chunk)
+                sock.sendall(struct.pack("!L", 0))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # clamd hung up early (StreamMaxLength): its reply says why
+            with sock.makefile("rb") as reply:
+                return reply.readline(4096).decode("utf-8", "replace").strip()
+        finally:
+            self._close_socket()
+
+
+class _UnixScanner(_Instream, clamd.ClamdUnixSocket):
+    pass
+
+
+class _TcpScanner(_Instream, clamd.ClamdNetworkSocket):
+    pass
+
+
+def scanner(address: str, timeout: float):
+    """`tcp:HOST:PORT` or a unix socket path."""
+    if address.startswith("tcp:"):
+        host, _, port = address[4:].rpartition(":")
+        return _TcpScanner(host.strip("[]"), int(port), timeout)
+    return _UnixScanner(address, timeout)
+
+
+class ClamavCheck(Check):
+    name = "clamav"
+    critical = True
+
+    def __init__(self, addresses: Sequence[str], timeout: float):
+        self.addresses = tuple(addresses)
+        self.timeout = timeout
+        self.scanners = [scanner(a, timeout) for a in self.addresses]
+
+    def run(self, message: Message) -> Finding:
+        failures = []
+        for address, clam in zip(self.addresses, self.scanners):
+            try:
+                with message.open() as stream:
+                    line = clam.scan_stream(stream)
+            except clamd.ConnectionError as e:  # cannot connect: try the next in the pool
+                failures.append(str(e))
+                continue
+            except TimeoutError:
+                return self.finding("timeout", detail=f"{address}: no answer in {self.timeout:g}s")
+            except OSError as e:
+                failures.append(f"{address}: {e.strerror or e}")
+                continue
+            try:
+                _, virus, status = clam._parse_response(line)
+            except clamd.ResponseError:
+                return self.finding("error", detail=printable(f"{address}: {line or 'empty reply'}"))
+            if status == "FOUND":
+                return self.finding("ok", viruses=(printable(virus, 100),))
+            if status == "OK":
+                return self.finding("ok")
+            return self.finding("error", detail=printable(f"{address}: {line}"))
+        return self.finding("unavailable", detail=printable("; ".join(failures), 500))
+

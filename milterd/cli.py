@@ -1,0 +1,175 @@
+"""The `milterd` command: run (the milter daemon), scan (offline, same engine), check-config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+from . import __version__, report, sources
+from .config import load_config
+from .message import Envelope, Message, Spool
+from .tomlschema import ConfigError
+
+log = logging.getLogger("milterd")
+
+EXIT_OK, EXIT_BLOCKED, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="milterd", description="Pre-queue content filter for Postfix.")
+    parser.add_argument("--version", action="version", version=f"milterd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the milter daemon")
+    run.add_argument("--config", type=Path, help="config file (default /etc/milterd/milterd.toml)")
+    run.add_argument("--foreground", action="store_true", help="stay in the foreground, log to stderr")
+
+    scan = sub.add_parser("scan", help="scan .eml files, mboxes or Maildirs with the daemon's checks and policy")
+    scan.add_argument("--config", type=Path, help="config file (default /etc/milterd/milterd.toml)")
+    scan.add_argument("--json", action="store_true", help="one JSON object per message per line")
+    scan.add_argument("--mail-from", help='envelope sender ("" for the null sender; default: from the headers)')
+    scan.add_argument("--rcpt", action="append", help="envelope recipient, repeatable (default: To and Cc)")
+    scan.add_argument("--client-ip", default="", help="SMTP client address")
+    scan.add_argument("--helo", default="", help="SMTP HELO name")
+    scan.add_argument("--jobs", type=int, default=4, help="messages scanned at once (default 4)")
+    scan.add_argument("-v", "--verbose", action="store_true", help="log one line per message to stderr")
+    scan.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+
+    check = sub.add_parser("check-config", help="validate the config file and the rules")
+    check.add_argument("--config", type=Path, help="config file (default /etc/milterd/milterd.toml)")
+
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"milterd: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "check-config":
+        print(f"milterd: {config.path or 'built-in defaults'}: OK")
+        return EXIT_OK
+    if args.command == "scan":
+        return _scan(config, args)
+    return _run(config, args)
+
+
+def _run(config, args) -> int:
+    from .engine import Engine
+    from .milter import serve
+
+    settings = config.milter
+    if not args.foreground:
+        import daemon
+        import daemon.pidfile
+
+        context = daemon.DaemonContext(
+            umask=0o022,
+            pidfile=daemon.pidfile.TimeoutPIDLockFile(settings.pidfile) if settings.pidfile else None,
+        )
+        context.open()
+    _setup_logging(settings.log_file, settings.log_level, foreground=args.foreground)
+    engine = Engine(config)
+    try:
+        serve(engine)
+    except Exception as e:
+        log.error("cannot serve on %s: %s", settings.listen, e)
+        return EXIT_USAGE
+    finally:
+        engine.close()
+    return EXIT_OK
+
+
+def _setup_logging(log_file: str, level: str, foreground: bool) -> None:
+    if log_file:
+        handler: logging.Handler = logging.handlers.WatchedFileHandler(log_file)
+        fmt = "%(asctime)s milterd[%(process)d]: %(message)s"
+    elif foreground or not os.path.exists("/dev/log"):
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = "%(asctime)s milterd[%(process)d]: %(message)s"
+    else:
+        handler = logging.handlers.SysLogHandler("/dev/log", logging.handlers.SysLogHandler.LOG_MAIL)
+        fmt = "milterd[%(process)d]: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _scan(config, args) -> int:
+    from .engine import Engine
+
+    _setup_logging("", "info" if args.verbose else "warning", foreground=True)
+    try:
+        items = [item for path in args.paths for item in sources.items(path)]
+    except (sources.SourceError, OSError) as e:
+        print(f"milterd: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.jobs < 1:
+        print("milterd: --jobs must be 1 or more", file=sys.stderr)
+        return EXIT_USAGE
+    # Scanning is offline: one message at a time per job, so the engine needs as many slots as jobs.
+    engine = Engine(replace(config, milter=replace(config.milter, max_concurrent=args.jobs)))
+    progress = _Progress(len(items)) if not args.json and sys.stderr.isatty() and len(items) > 20 else None
+
+    def scan_one(item: sources.Item):
+        with item.open() as stream:
+            sender, rcpts = sources.header_defaults(stream)
+            stream.seek(0)
+            spool = Spool.copy_of(stream, config.milter.spool_threshold, config.milter.spool_dir)
+        envelope = Envelope(
+            mail_from=sender if args.mail_from is None else args.mail_from,
+            rcpts=tuple(args.rcpt) if args.rcpt else rcpts,
+            client_ip=args.client_ip,
+            helo=args.helo,
+        )
+        message = Message(envelope, spool)
+        try:
+            findings, verdict = engine.evaluate(message)
+        finally:
+            message.close()
+        return item.name, message.size, findings, verdict
+
+    blocked = False
+    if not args.json:
+        print(report.TABLE_HEAD)
+    try:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            for name, size, findings, verdict in pool.map(scan_one, items):
+                blocked |= verdict.blocked
+                if progress:
+                    progress.step()
+                print(report.as_json(name, size, findings, verdict) if args.json else report.as_row(name, findings, verdict),
+                      flush=True)
+    except OSError as e:
+        print(f"milterd: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        engine.close()
+        if progress:
+            progress.done()
+    return EXIT_BLOCKED if blocked else EXIT_OK
+
+
+class _Progress:
+    """A one-line progress bar on stderr for large mboxes and Maildirs."""
+
+    def __init__(self, total: int):
+        self.total, self.count = total, 0
+
+    def step(self) -> None:
+        self.count += 1
+        filled = 30 * self.count // self.total
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.count}/{self.total}")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        sys.stderr.write("\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Load and validate milterd.toml: every section is a frozen dataclass, every key checked.
+
+Unknown sections and keys, and values of the wrong type, are errors that name the file and key,
+so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import socket
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .rules import Rules, load_rules
+from .tomlschema import ConfigError, build, read_toml
+
+DEFAULT_PATH = Path("/etc/milterd/milterd.toml")
+
+
+@dataclass(frozen=True)
+class MilterSettings:
+    listen: str = "inet:8891@127.0.0.1"
+    rules: str = "rules"  # relative to the config file
+    user: str = ""  # drop root to this user after opening the socket; "" keeps the current user
+    hostname: str = field(default_factory=socket.getfqdn)  # for X-Virus-Scanned
+    spool_threshold: int = 1 << 20  # bytes of a message kept in memory; the rest goes to a temp file
+    spool_dir: str = ""  # where spooled messages go ("" = the system temp dir)
+    max_concurrent: int = 32  # messages evaluated at once; more wait for a slot
+    timeout: int = 600  # seconds libmilter waits on an idle MTA connection
+    log_file: str = ""  # "" = stderr in the foreground, syslog (mail facility) as a daemon
+    log_level: typing.Literal["debug", "info", "warning", "error"] = "info"
+    pidfile: str = ""
+
+
+@dataclass(frozen=True)
+class ClamavSettings:
+    enabled: bool = True
+    socket: tuple[str, ...] = ("/run/clamav/clamd.ctl",)  # a path or "tcp:HOST:PORT"; a list = failover
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class SpamdSettings:
+    enabled: bool = True
+    address: tuple[str, ...] = ("127.0.0.1:783",)  # HOST:PORT or a unix socket path; a list = failover
+    timeout: float = 60.0
+    max_size: int = 512000  # larger messages skip SpamAssassin, as spamc does
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None
+    rules: Rules
+    milter: MilterSettings = field(default_factory=MilterSettings)
+    clamav: ClamavSettings = field(default_factory=ClamavSettings)
+    spamd: SpamdSettings = field(default_factory=SpamdSettings)
+
+
+_SECTIONS = {"milter": MilterSettings, "clamav": ClamavSettings, "spamd": SpamdSettings}
+
+
+def load_config(path: Path | None = None) -> Config:
+    """Read a config file and its rules directory.
+
+    With no path, the default file is used when it exists; otherwise built-in defaults apply (so
+    `milterd scan` works on a machine with no configuration).
+    """
+    if path is None and not DEFAULT_PATH.exists():
+        return Config(path=None, rules=load_rules(None))
+    path = Path(path or DEFAULT_PATH)
+    data = read_toml(path)
+    unknown = sorted(set(data) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section [{unknown[0]}]")
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        section = data.get(name, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: [{name}] must be a table")
+        sections[name] = build(cls, section, path, f"{name}.")
+    rules_dir = path.parent / sections["milter"].rules
+    if not rules_dir.is_dir():
+        raise ConfigError(f"{path}: milter.rules: {rules_dir} is not a directory")
+    return Config(path=path, rules=load_rules(rules_dir), **sections)

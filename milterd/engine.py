@@ -1,0 +1,67 @@
+"""The engine both front ends share: spooled message in, findings and one verdict out, one log line.
+
+It knows nothing of pymilter; `milter.py` and `cli.py scan` are thin adapters around it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .checks import build_checks
+from .config import Config
+from .findings import Finding
+from .message import Message
+from .pipeline import Pipeline
+from .policy import Policy, Verdict, decide, format_score
+from .sanitize import address, printable
+
+log = logging.getLogger("milterd")
+
+
+class Engine:
+    def __init__(self, config: Config):
+        self.config = config
+        self.rules = config.rules
+        self.pipeline = Pipeline(build_checks(config), config.milter.max_concurrent)
+
+    def policy_for(self, recipients: tuple[str, ...]) -> Policy:
+        """The transaction's policy: its first recipient's (the milter defers recipients that differ)."""
+        return self.rules.policy_for(recipients[0]) if recipients else self.rules.policy
+
+    def evaluate(self, message: Message) -> tuple[dict[str, Finding], Verdict]:
+        findings = self.pipeline.run(message)
+        envelope = message.envelope
+        verdict = decide(
+            findings,
+            self.policy_for(envelope.rcpts),
+            sender=envelope.mail_from,
+            hostname=self.config.milter.hostname,
+        )
+        log.info("%s", log_line(message, findings, verdict))
+        return findings, verdict
+
+    def close(self) -> None:
+        self.pipeline.shutdown()
+
+
+def log_line(message: Message, findings: dict[str, Finding], verdict: Verdict) -> str:
+    """Postfix-style: queue id first, then who, what was found, what was done, and how long each check took."""
+    env = message.envelope
+    score = "-" if verdict.spam_score is None else format_score(verdict.spam_score)
+    checks = " ".join(f"{f.name}:{f.status}/{f.elapsed * 1000:.0f}ms" for f in findings.values())
+    parts = [
+        f"{printable(env.queue_id, 40) or 'NOQUEUE'}:",
+        f"client={printable(env.client_name, 100) or 'unknown'}[{printable(env.client_ip, 60)}],",
+        f"from={address(env.mail_from)},",
+        f"to={','.join(address(r) for r in env.rcpts)},",
+        f"size={message.size}, category={verdict.category.name}, score={score},",
+        f"action={verdict.action}, checks=[{checks}]",
+    ]
+    if verdict.reason:
+        parts[-1] += ","
+        parts.append(f"reason={printable(verdict.reason, 300)}")
+    failed = [f"{f.name}: {f.detail}" for f in findings.values() if f.failed]
+    if failed:
+        parts[-1] += ","
+        parts.append(f"failed=[{printable('; '.join(failed), 500)}]")
+    return " ".join(parts)

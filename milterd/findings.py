@@ -1,0 +1,43 @@
+"""What a check found: the one value that flows from every check to the policy and the report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Status = Literal["ok", "skipped", "unavailable", "timeout", "error"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One check's result for one message.
+
+    `critical` checks (virus and spam scanners) make the message UNCHECKED when they could not
+    answer; the others (collaborative and DNS checks) only add nothing.
+    """
+
+    name: str
+    status: Status
+    critical: bool = False
+    detail: str = ""  # why the check was skipped or failed, or what it saw; never parsed
+    elapsed: float = 0.0  # seconds
+    viruses: tuple[str, ...] = ()
+    spam_score: float | None = None
+    spam_tests: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def failed(self) -> bool:
+        """True when the check should have answered and did not."""
+        return self.status in ("unavailable", "timeout", "error")
+
+    def to_json(self) -> dict:
+        """The finding as `checks.<name>` in `milterd scan --json`."""
+        out: dict = {"status": self.status, "time_ms": round(self.elapsed * 1000, 1)}
+        if self.detail:
+            out["detail"] = self.detail
+        if self.viruses:
+            out["viruses"] = list(self.viruses)
+        if self.spam_score is not None:
+            out["score"] = self.spam_score
+            out["tests"] = {name: score for name, score in self.spam_tests}
+        return out

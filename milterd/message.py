@@ -1,0 +1,114 @@
+"""One message: its envelope and its raw bytes, in memory when small and on disk past a size.
+
+Several checks read the same message at once, each through its own reader, so memory does not
+grow with message size or with the number of checks.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import BinaryIO
+
+CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Envelope:
+    mail_from: str = ""  # "" is the null sender
+    rcpts: tuple[str, ...] = ()
+    client_ip: str = ""
+    client_name: str = ""
+    helo: str = ""
+    queue_id: str = ""
+    auth_user: str = ""  # Postfix {auth_authen}: SASL login name
+    daemon_name: str = ""  # Postfix {daemon_name}
+
+
+class Spool:
+    """Collects a message's bytes; keeps up to `threshold` in memory, then moves to an unlinked temp file.
+
+    The temp file has no name on disk (O_TMPFILE where the kernel allows), so a crash leaves
+    nothing behind; readers use pread, so any number can read at once.
+    """
+
+    def __init__(self, threshold: int = 1 << 20, directory: str | None = None):
+        self._threshold = threshold
+        self._directory = directory or None
+        self._memory = bytearray()
+        self._file: BinaryIO | None = None
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self._file is None and len(self._memory) + len(data) <= self._threshold:
+            self._memory += data
+            return
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(dir=self._directory, prefix="milterd-")
+            self._file.write(self._memory)
+            self._memory = bytearray()
+        self._file.write(data)
+
+    def reader(self) -> BinaryIO:
+        """A new reader from the first byte; independent of other readers."""
+        if self._file is None:
+            return io.BytesIO(bytes(self._memory))
+        self._file.flush()
+        return io.BufferedReader(_PReader(self._file.fileno(), self.size), CHUNK)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._memory = bytearray()
+
+    @property
+    def on_disk(self) -> bool:
+        return self._file is not None
+
+    @classmethod
+    def copy_of(cls, stream: BinaryIO, threshold: int = 1 << 20, directory: str | None = None) -> Spool:
+        spool = cls(threshold, directory)
+        while chunk := stream.read(CHUNK):
+            spool.write(chunk)
+        return spool
+
+
+class _PReader(io.RawIOBase):
+    """Reads a file descriptor with pread from its own offset, leaving the descriptor's alone."""
+
+    def __init__(self, fd: int, size: int):
+        self._fd, self._size, self._pos = fd, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        want = min(len(buffer), self._size - self._pos)
+        if want <= 0:
+            return 0
+        data = os.pread(self._fd, want, self._pos)
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+@dataclass
+class Message:
+    """What the pipeline scans: the envelope and the spooled raw message."""
+
+    envelope: Envelope
+    spool: Spool
+
+    @property
+    def size(self) -> int:
+        return self.spool.size
+
+    def open(self) -> BinaryIO:
+        return self.spool.reader()
+
+    def close(self) -> None:
+        self.spool.close()

@@ -1,0 +1,87 @@
+"""Run every enabled check on a message concurrently, each within its deadline.
+
+A message costs its slowest check, not the sum. A check that raises, hangs or is skipped still
+yields a Finding that says so; nothing here raises into the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import replace
+
+from .checks import Check
+from .findings import Finding
+from .message import Message
+from .sanitize import printable
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline:
+    """Shared by all sessions. `max_concurrent` messages are evaluated at once; more wait.
+
+    The thread pool is sized so a started check never queues behind another message's checks,
+    which would eat its deadline.
+    """
+
+    def __init__(self, checks: Sequence[Check], max_concurrent: int = 32):
+        self.checks = tuple(checks)
+        self._slots = threading.BoundedSemaphore(max_concurrent)
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(1, max_concurrent * len(self.checks)), thread_name_prefix="check"
+        )
+
+    def run(self, message: Message) -> dict[str, Finding]:
+        with self._slots:
+            return self._run(message)
+
+    def _run(self, message: Message) -> dict[str, Finding]:
+        started: dict[str, tuple[Check, Future, float]] = {}
+        results: dict[str, Finding] = {}
+
+        def start(check: Check) -> None:
+            started[check.name] = (check, self._pool.submit(_guarded, check, message), time.monotonic())
+
+        def collect(name: str) -> Finding:
+            if name not in results:
+                check, future, t0 = started.pop(name)
+                try:
+                    results[name] = future.result(timeout=max(0.0, t0 + check.timeout - time.monotonic()))
+                except FutureTimeout:
+                    results[name] = check.finding(
+                        "timeout", detail=f"no answer in {check.timeout:g}s", elapsed=time.monotonic() - t0
+                    )
+            return results[name]
+
+        for check in self.checks:
+            if not check.after:
+                start(check)
+        for check in (c for c in self.checks if c.after):
+            earlier = {name: collect(name) for name in check.after if name in started or name in results}
+            reason = check.skip_reason(message, earlier)
+            if reason:
+                results[check.name] = check.finding("skipped", detail=reason)
+            else:
+                start(check)
+        for name in list(started):
+            collect(name)
+        return {check.name: results[check.name] for check in self.checks}
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _guarded(check: Check, message: Message) -> Finding:
+    t0 = time.monotonic()
+    try:
+        finding = check.run(message)
+    except Exception as e:  # a bug in a check must not lose the message: it becomes a failed check
+        log.error("check %s failed: %s", check.name, printable(f"{type(e).__name__}: {e}"),
+                  exc_info=log.isEnabledFor(logging.DEBUG))
+        finding = check.finding("error", detail=printable(f"{type(e).__name__}: {e}"))
+    return replace(finding, elapsed=time.monotonic() - t0)

@@ -1,0 +1,39 @@
+"""`milterd scan` output: one JSON object per message per line, or a readable table."""
+
+from __future__ import annotations
+
+import json
+
+from .findings import Finding
+from .policy import Verdict
+
+
+def as_json(name: str, size: int, findings: dict[str, Finding], verdict: Verdict) -> str:
+    record = {
+        "file": name,
+        "size": size,
+        "category": verdict.category.name,
+        "categories": [c.name for c in verdict.categories],
+        "spam_score": verdict.spam_score,
+        "viruses": [v for f in findings.values() for v in f.viruses],
+        "banned": [],
+        "action": verdict.action,
+        "reply": str(verdict.reply) if verdict.reply else None,
+        "dkim": [],
+        "spf": {"result": None},
+        "checks": {n: f.to_json() for n, f in findings.items()},
+        "headers": [list(h) for h in verdict.headers],
+        "subject_tag": verdict.subject_tag,
+    }
+    return json.dumps(record, ensure_ascii=True)
+
+
+TABLE_HEAD = f"{'ACTION':<9} {'CATEGORY':<10} {'SCORE':>7}  FILE / DETAIL"
+
+
+def as_row(name: str, findings: dict[str, Finding], verdict: Verdict) -> str:
+    score = "-" if verdict.spam_score is None else f"{verdict.spam_score:.1f}"
+    details = [verdict.reason] if verdict.reason else []
+    details += [f"{f.name} {f.status}: {f.detail}" for f in findings.values() if f.failed or f.status == "skipped"]
+    line = f"{verdict.action:<9} {verdict.category.name:<10} {score:>7}  {name}"
+    return line + "".join(f"\n{'':<30}{d}" for d in details)
