@@ -130,12 +130,12 @@ def decide(findings: Mapping[str, Finding], policy: Policy, *, sender: str, host
 
     unchecked_why = ", ".join(f"{f.name} {f.status}" for f in failed)
     for category in ordered:
+        if category is Category.UNCHECKED and failed and policy.scanner_failure == "tempfail":
+            reply = Reply("451", "4.7.1", printable(f"Try again later: {unchecked_why}"))
+            return Verdict(ordered[0], ordered, "tempfail", reply, score, reason=unchecked_why)
         destiny = _destiny(category, policy)
         if destiny is Destiny.PASS:
             continue
-        if category is Category.UNCHECKED and policy.scanner_failure == "tempfail":
-            reply = Reply("451", "4.7.1", printable(f"Try again later: {unchecked_why}"))
-            return Verdict(ordered[0], ordered, "tempfail", reply, score, reason=unchecked_why)
         why = _reason(category, viruses, score, unchecked_why)
         if destiny is Destiny.DISCARD or (
             destiny is Destiny.BOUNCE and score is not None and score >= policy.dsn_cutoff_level

@@ -5,7 +5,9 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import email.utils
+import io
 import mailbox
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -40,7 +42,13 @@ def items(path: Path) -> list[Item]:
     if not is_mbox:
         return [_file_item(path)]
     box = mailbox.mbox(path, create=False)
-    return [Item(f"{path}:{n}", lambda key=key: box.get_file(key)) for n, key in enumerate(box.keys(), 1)]
+    lock = threading.Lock()  # one mbox file object serves every scanning thread
+
+    def reader(key: str) -> BinaryIO:
+        with lock:
+            return io.BytesIO(box.get_bytes(key))
+
+    return [Item(f"{path}:{n}", lambda key=key: reader(key)) for n, key in enumerate(box.keys(), 1)]
 
 
 def _file_item(path: Path) -> Item:

@@ -60,11 +60,11 @@ class ClamavCheck(Check):
     def __init__(self, addresses: Sequence[str], timeout: float):
         self.addresses = tuple(addresses)
         self.timeout = timeout
-        self.scanners = [scanner(a, timeout) for a in self.addresses]
 
     def run(self, message: Message) -> Finding:
         failures = []
-        for address, clam in zip(self.addresses, self.scanners):
+        for address in self.addresses:
+            clam = scanner(address, self.timeout)  # per scan: the clamd package keeps the socket on the object
             try:
                 with message.open() as stream:
                     line = clam.scan_stream(stream)

@@ -1,0 +1,163 @@
+"""The checks and `milterd scan` against a real clamd (test signatures) and a real spamd."""
+
+from __future__ import annotations
+
+import json
+import mailbox
+import socket
+import subprocess
+import time
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from milterd.checks.clamav import ClamavCheck
+from milterd.checks.spamd import SpamdCheck
+from milterd.message import Envelope, Message, Spool
+from milterd.pipeline import Pipeline
+from tests import daemons
+from tests.conftest import GTUBE, MILTERD, write_config
+
+TESTFILES = Path("/usr/share/clamav-testfiles")
+
+
+def message(raw: bytes, threshold: int = 1 << 20) -> Message:
+    spool = Spool(threshold)
+    spool.write(raw)
+    return Message(Envelope(mail_from="a@remote.test", rcpts=("u@example.com",)), spool)
+
+
+def mail(body: str = "Hello Bob, lunch on Thursday?\n", attachment: tuple[str, bytes] | None = None) -> bytes:
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "a@remote.test", "u@example.com", "test"
+    msg["Date"], msg["Message-ID"] = "Wed, 25 Nov 2026 05:00:00 +0000", "<test.1@remote.test>"
+    msg.set_content(body)
+    if attachment:
+        msg.add_attachment(attachment[1], maintype="application", subtype="octet-stream", filename=attachment[0])
+    return msg.as_bytes()
+
+
+@pytest.mark.parametrize("name", ["clam.exe", "clam.zip", "clam.7z", "clam.tar.gz", "clam.exe.rtf"])
+def test_clamav_finds_test_files_inside_mime_attachments(clamd, name):
+    finding = ClamavCheck([str(clamd.socket_path)], 10).run(message(mail(attachment=(name, (TESTFILES / name).read_bytes()))))
+    assert finding.status == "ok"
+    assert finding.viruses == ("ClamAV-Test-File.UNOFFICIAL",)
+
+
+def test_clamav_finds_eicar_over_tcp_from_a_spool_on_disk(clamd):
+    finding = ClamavCheck([f"tcp:127.0.0.1:{clamd.port}"], 10).run(message(mail(attachment=("e.com", daemons.EICAR)), threshold=16))
+    assert finding.viruses == ("Eicar-Test-Signature.UNOFFICIAL",)
+
+
+def test_clamav_clean_message(clamd):
+    finding = ClamavCheck([str(clamd.socket_path)], 10).run(message(mail()))
+    assert (finding.status, finding.viruses) == ("ok", ())
+
+
+def test_clamav_pool_fails_over_to_the_next_socket(clamd, tmp_path):
+    check = ClamavCheck([str(tmp_path / "no.sock"), f"tcp:127.0.0.1:{daemons.free_port()}", str(clamd.socket_path)], 10)
+    assert check.run(message(mail(attachment=("e.com", daemons.EICAR)))).viruses
+
+
+def test_clamav_down_is_unavailable(tmp_path):
+    finding = ClamavCheck([str(tmp_path / "no.sock")], 10).run(message(mail()))
+    assert finding.status == "unavailable"
+    assert "no.sock" in finding.detail
+
+
+def test_spamd_scores_gtube_with_its_rules(spamd):
+    finding = SpamdCheck([f"127.0.0.1:{spamd.port}"], 30, 512000).run(message(mail(GTUBE.decode())))
+    assert finding.status == "ok"
+    assert finding.spam_score >= 1000
+    assert ("GTUBE", 1000.0) in finding.spam_tests
+
+
+def test_spamd_clean_message_scores_low(spamd):
+    finding = SpamdCheck([f"127.0.0.1:{spamd.port}"], 30, 512000).run(message(mail()))
+    assert finding.status == "ok" and finding.spam_score < 2
+
+
+def test_spamd_down_is_unavailable_and_pool_fails_over(spamd):
+    dead = f"127.0.0.1:{daemons.free_port()}"
+    assert SpamdCheck([dead], 5, 512000).run(message(mail())).status == "unavailable"
+    assert SpamdCheck([dead, f"127.0.0.1:{spamd.port}"], 30, 512000).run(message(mail())).status == "ok"
+
+
+def test_a_silent_scanner_times_out_within_the_deadline():
+    """A server that accepts but never answers: the pipeline gives up at the check's deadline."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        pipeline = Pipeline([ClamavCheck([f"tcp:127.0.0.1:{port}"], 1.0), SpamdCheck([f"127.0.0.1:{port}"], 1.0, 512000)])
+        t0 = time.monotonic()
+        findings = pipeline.run(message(mail()))
+        assert time.monotonic() - t0 < 3.5
+    assert findings["clamav"].status == "timeout"
+    assert findings["spamd"].status == "timeout"
+
+
+def test_spamd_is_skipped_for_a_virus_and_for_an_oversized_message(clamd, spamd):
+    pipeline = Pipeline([ClamavCheck([str(clamd.socket_path)], 10), SpamdCheck([f"127.0.0.1:{spamd.port}"], 30, 4096)])
+    infected = pipeline.run(message(mail(attachment=("e.com", daemons.EICAR))))
+    assert infected["spamd"].status == "skipped" and "virus" in infected["spamd"].detail
+    big = pipeline.run(message(mail("x" * 10000)))
+    assert big["spamd"].status == "skipped" and "max_size" in big["spamd"].detail
+    assert big["clamav"].status == "ok"
+
+
+# ---- milterd scan, the offline front end -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scan_config(tmp_path_factory, clamd, spamd):
+    return write_config(tmp_path_factory.mktemp("scan"), clamav=str(clamd.socket_path), spamd=f"127.0.0.1:{spamd.port}")
+
+
+def scan(config: Path, *args) -> tuple[int, list[dict], str]:
+    result = subprocess.run([MILTERD, "scan", "--config", str(config), "--json", *map(str, args)],
+                            capture_output=True, text=True, timeout=120)
+    return result.returncode, [json.loads(line) for line in result.stdout.splitlines()], result.stderr
+
+
+def test_scan_json_on_an_mbox_and_a_maildir(scan_config, tmp_path):
+    box = mailbox.mbox(tmp_path / "box")
+    for raw in (mail(), mail(GTUBE.decode()), mail(attachment=("a.zip", (TESTFILES / "clam.zip").read_bytes()))):
+        box.add(raw)
+    box.flush()
+    maildir = mailbox.Maildir(tmp_path / "Maildir")
+    maildir.add(mail())
+    code, records, stderr = scan(scan_config, tmp_path / "box", tmp_path / "Maildir")
+    assert code == 1, stderr  # the virus is blocked
+    assert [r["category"] for r in records] == ["CLEAN", "SPAM", "VIRUS", "CLEAN"]
+    assert [r["action"] for r in records] == ["accept", "accept", "reject", "accept"]
+    for record in records:
+        assert {"file", "category", "spam_score", "viruses", "banned", "action", "dkim", "spf", "checks", "headers"} <= set(record)
+    assert records[2]["viruses"] == ["ClamAV-Test-File.UNOFFICIAL"]
+    assert records[2]["checks"]["spamd"]["status"] == "skipped"
+    assert ["X-Spam-Flag", "YES"] in records[1]["headers"]
+    assert records[1]["subject_tag"] == "***SPAM*** "
+
+
+def test_scan_envelope_options_decide_local_or_not(scan_config, tmp_path):
+    (tmp_path / "g.eml").write_bytes(mail(GTUBE.decode()))
+    _, [remote], _ = scan(scan_config, "--rcpt", "x@remote.test", "--mail-from", "", tmp_path / "g.eml")
+    assert remote["subject_tag"] == "" and not any(h[0].startswith("X-Spam") for h in remote["headers"])
+
+
+def test_scan_without_backends_says_unavailable_and_tempfails(tmp_path):
+    config = write_config(tmp_path / "cfg", clamav=str(tmp_path / "none.sock"), spamd=f"127.0.0.1:{daemons.free_port()}")
+    (tmp_path / "m.eml").write_bytes(mail())
+    code, [record], stderr = scan(config, tmp_path / "m.eml")
+    assert code == 1
+    assert record["category"] == "UNCHECKED" and record["action"] == "tempfail"
+    assert record["checks"]["clamav"]["status"] == "unavailable"
+    assert record["checks"]["spamd"]["status"] == "unavailable"
+    assert "Traceback" not in stderr
+
+
+def test_scan_usage_errors_exit_2(scan_config, tmp_path):
+    result = subprocess.run([MILTERD, "scan", "--config", str(scan_config), str(tmp_path / "missing.eml")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "missing.eml" in result.stderr and "Traceback" not in result.stderr
