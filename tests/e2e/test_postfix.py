@@ -1,0 +1,197 @@
+"""Through a real Postfix: smtpd_milters points at a real `milterd run`, mail lands in a Maildir.
+
+Every assertion about delivered mail reads the copy Postfix delivered, not milterd's claims.
+"""
+
+from __future__ import annotations
+
+import shutil
+import smtplib
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests import daemons
+from tests.conftest import GTUBE, start_milterd, stop_milterd, write_config
+
+# One milterd per policy under test, each behind its own Postfix listener.
+POLICIES = {
+    "shipped": {},
+    "always": {"tag_level": -999},
+    "reject": {"destiny": {"spam": "REJECT"}},
+    "tempfail": {"scanner_failure": "tempfail"},
+    "unchecked": {"scanner_failure": "unchecked"},
+}
+DEAD_SPAMD = ("tempfail", "unchecked")  # these point at a spamd that is not running
+
+
+@pytest.fixture(scope="module")
+def mta(tmp_path_factory, clamd, spamd):
+    """The private Postfix with one listener per policy, and the milterds behind them."""
+    base = tmp_path_factory.mktemp("e2e")
+    daemons.make_traversable(base)
+    dead = f"127.0.0.1:{daemons.free_port()}"
+    milterds = {
+        name: start_milterd(write_config(base / name, clamav=str(clamd.socket_path),
+                                         spamd=dead if name in DEAD_SPAMD else f"127.0.0.1:{spamd.port}",
+                                         policy=policy))
+        for name, policy in POLICIES.items()
+    }
+    postfix = daemons.start_postfix(base / "postfix", {name: m.socket for name, m in milterds.items()})
+    yield postfix, milterds
+    postfix.stop()
+    for m in milterds.values():
+        stop_milterd(m)
+
+
+def send(mta, listener: str, body: bytes, rcpts=("user@example.com",), subject="test", extra=b"") -> bytes:
+    """Submit one message with a unique token; returns the token. SMTP errors propagate."""
+    postfix, _ = mta
+    token = uuid.uuid4().hex.encode()
+    raw = (b"From: sender@remote.test\r\nTo: user@example.com\r\nSubject: " + subject.encode() +
+           b"\r\nMessage-ID: <" + token + b"@remote.test>\r\nDate: Wed, 25 Nov 2026 05:00:00 +0000\r\n" + extra +
+           b"\r\n" + body + b"\r\n" + token + b"\r\n")
+    with smtplib.SMTP("127.0.0.1", postfix.ports[listener], timeout=60) as smtp:
+        smtp.sendmail("sender@remote.test", list(rcpts), raw)
+    return token
+
+
+def headers(raw: bytes) -> list[tuple[str, str]]:
+    head = raw.split(b"\n\n", 1)[0].decode("utf-8", "replace").replace("\n\t", " ").replace("\n ", " ")
+    return [tuple(part.strip() for part in line.split(":", 1)) for line in head.splitlines() if ":" in line]
+
+
+def header(raw: bytes, name: str) -> list[str]:
+    return [v for k, v in headers(raw) if k.lower() == name.lower()]
+
+
+def test_eicar_is_rejected_at_end_of_data(mta):
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        send(mta, "shipped", daemons.EICAR)
+    assert refused.value.smtp_code == 554
+    assert b"5.7.0 Rejected: virus Eicar-Test-Signature" in refused.value.smtp_error
+
+
+def test_gtube_under_pass_is_delivered_flagged_and_tagged_and_forged_flags_are_gone(mta):
+    postfix, _ = mta
+    token = send(mta, "shipped", GTUBE, subject="cheap pills", extra=b"X-Spam-Flag: NO\r\nX-Spam-Status: No, forged\r\n")
+    delivered = postfix.wait_delivered(token)
+    assert header(delivered, "X-Spam-Flag") == ["YES"]
+    assert header(delivered, "Subject") == ["***SPAM*** cheap pills"]
+    [status] = header(delivered, "X-Spam-Status")
+    assert status.startswith("Yes, score=1000") and "GTUBE=1000" in status and "required=4" in status
+    assert header(delivered, "X-Virus-Scanned") == ["milterd at " + header(delivered, "X-Virus-Scanned")[0].split(" at ")[1]]
+
+
+def test_gtube_under_reject_is_refused(mta):
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        send(mta, "reject", GTUBE)
+    assert refused.value.smtp_code == 554 and b"5.7.0 Rejected: spam" in refused.value.smtp_error
+
+
+def test_clean_mail_gets_x_spam_status_no_when_tag_level_is_always(mta):
+    postfix, _ = mta
+    delivered = postfix.wait_delivered(send(mta, "always", b"Hello Bob, lunch on Thursday at noon?"))
+    assert header(delivered, "X-Spam-Flag") == ["NO"]
+    assert header(delivered, "X-Spam-Status")[0].startswith("No, score=")
+    assert header(delivered, "Subject") == ["test"]
+
+
+def test_clean_mail_under_tag_level_2_gets_no_spam_headers(mta):
+    postfix, _ = mta
+    delivered = postfix.wait_delivered(send(mta, "shipped", b"Hello Bob, lunch on Thursday at noon?"))
+    assert header(delivered, "X-Spam-Flag") == []
+    assert len(header(delivered, "X-Virus-Scanned")) == 1
+
+
+def test_spamd_down_with_tempfail_answers_4xx_and_nothing_is_delivered(mta):
+    postfix, _ = mta
+    with pytest.raises(smtplib.SMTPDataError) as deferred:
+        send(mta, "tempfail", b"Hello")
+    assert deferred.value.smtp_code == 451 and b"4.7.1" in deferred.value.smtp_error
+    assert b"spamd unavailable" in deferred.value.smtp_error
+    postfix.wait_queue_empty(10)
+
+
+def test_spamd_down_with_unchecked_delivers_marked_unchecked(mta):
+    postfix, _ = mta
+    delivered = postfix.wait_delivered(send(mta, "unchecked", b"Hello", subject="report"))
+    assert header(delivered, "Subject") == ["***UNCHECKED*** report"]
+    assert any("UNCHECKED, spamd unavailable" in v for v in header(delivered, "X-Amavis-Alert"))
+
+
+def test_a_recipient_with_another_policy_is_deferred_to_a_new_transaction(mta):
+    postfix, _ = mta
+    with smtplib.SMTP("127.0.0.1", postfix.ports["shipped"], timeout=30) as smtp:
+        smtp.ehlo()
+        smtp.mail("sender@remote.test")
+        assert smtp.rcpt("user@example.com")[0] == 250
+        postfix_code, text = smtp.rcpt("someone@remote.test")
+        smtp.rset()
+    assert postfix_code == 452 and text.startswith(b"4.5.3")
+
+
+def test_a_large_message_is_spooled_and_delivered_intact(mta):
+    postfix, _ = mta
+    body = b"\r\n".join(b"%06d " % i + b"x" * 70 for i in range(40000))  # ~3 MB, past the 1 MiB spool threshold
+    token = send(mta, "shipped", body)
+    delivered = postfix.wait_delivered(token, timeout=60)
+    assert body.replace(b"\r\n", b"\n") in delivered  # the Maildir copy has LF line ends
+
+
+def test_one_log_line_per_message_with_queue_id_and_check_times(mta):
+    postfix, milterds = mta
+    token = send(mta, "shipped", b"log me")
+    postfix.wait_delivered(token)
+    queue_id = next(line.split(": ")[1] for line in postfix.log.read_text().splitlines()
+                    if token.decode() in line and "message-id=" in line)
+    lines = [line for line in milterds["shipped"].log.read_text().splitlines() if f" {queue_id}: " in line]
+    assert len(lines) == 1
+    assert "category=CLEAN" in lines[0] and "action=accept" in lines[0]
+    assert "clamav:ok/" in lines[0] and "spamd:ok/" in lines[0] and "from=<sender@remote.test>" in lines[0]
+
+
+@pytest.mark.skipif(not shutil.which("miltertest"), reason="miltertest not installed")
+def test_miltertest_drives_milterd_at_the_protocol_level(mta, tmp_path):
+    """miltertest (OpenDKIM's independent milter client) checks the actions at end of message."""
+    _, milterds = mta
+    script = tmp_path / "gtube.lua"
+    script.write_text(MILTERTEST_SCRIPT % {"port": milterds["shipped"].port, "gtube": GTUBE.decode(),
+                                             "eicar": daemons.EICAR.decode().replace("\\", "\\\\")})
+    result = subprocess.run(["miltertest", "-v", "-s", str(script)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+MILTERTEST_SCRIPT = r"""
+local function message(body, subject)
+  local conn = mt.connect("inet:%(port)d@127.0.0.1")
+  assert(conn, "cannot connect to milterd")
+  assert(mt.conninfo(conn, "client.remote.test", "192.0.2.1") == nil)
+  assert(mt.getreply(conn) == SMFIR_CONTINUE)
+  assert(mt.helo(conn, "client.remote.test") == nil)
+  mt.macro(conn, SMFIC_MAIL, "i", "MT0001")
+  assert(mt.mailfrom(conn, "sender@remote.test") == nil)
+  assert(mt.rcptto(conn, "user@example.com") == nil)
+  assert(mt.getreply(conn) == SMFIR_CONTINUE)
+  assert(mt.header(conn, "From", "sender@remote.test") == nil)
+  assert(mt.header(conn, "Subject", subject) == nil)
+  assert(mt.header(conn, "X-Spam-Flag", "NO") == nil)
+  assert(mt.eoh(conn) == nil)
+  assert(mt.bodystring(conn, body .. "\r\n") == nil)
+  assert(mt.eom(conn) == nil)
+  return conn
+end
+
+local conn = message("%(gtube)s", "pills")
+assert(mt.getreply(conn) == SMFIR_ACCEPT, "GTUBE should be accepted under PASS")
+assert(mt.eom_check(conn, MT_HDRINSERT, "X-Spam-Flag", "YES"), "no X-Spam-Flag: YES")
+assert(mt.eom_check(conn, MT_HDRCHANGE, "Subject", "***SPAM*** pills"), "Subject not tagged")
+assert(mt.eom_check(conn, MT_HDRCHANGE, "X-Spam-Flag", ""), "forged X-Spam-Flag not removed")
+mt.disconnect(conn)
+
+conn = message("%(eicar)s", "virus")
+assert(mt.getreply(conn) == SMFIR_REPLYCODE, "EICAR should be rejected with a reply code")
+mt.disconnect(conn)
+"""
