@@ -32,6 +32,7 @@ class Session(Milter.Base):
 
     def __init__(self):
         self.client_ip = self.client_name = self.helo = ""
+        self.smtp = True  # False for Postfix's non_smtpd_milters (sendmail, pickup)
         self.spool: Spool | None = None
         self._new_transaction(None)
 
@@ -53,6 +54,8 @@ class Session(Milter.Base):
         self.client_name = hostname or ""
         if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
             self.client_ip = str(hostaddr[0])
+            # Postfix's cleanup presents non-SMTP mail as localhost [127.0.0.1] port 0.
+            self.smtp = not (hostname == "localhost" and self.client_ip == "127.0.0.1" and hostaddr[1] == 0)
         return Milter.CONTINUE
 
     @Milter.noreply
@@ -68,13 +71,20 @@ class Session(Milter.Base):
 
     def envrcpt(self, rcpt, *params):
         """One policy per transaction: a recipient whose policy differs is deferred (452 4.5.3),
-        and RFC 5321 clients send it again in a new transaction."""
+        and RFC 5321 clients send it again in a new transaction.
+
+        Postfix cannot defer a recipient of non-SMTP mail (it would hold the whole message), so
+        there the first recipient's policy applies to all, as amavis' milter does.
+        """
         rcpt = rcpt.strip("<>")
         policy = self.engine.rules.policy_for(rcpt)
         if self.policy is not None and policy != self.policy:
-            self.setreply("452", "4.5.3", "Too many recipients: please send this one separately")
-            return Milter.TEMPFAIL
-        self.policy = policy
+            if self.smtp:
+                self.setreply("452", "4.5.3", "Too many recipients: please send this one separately")
+                return Milter.TEMPFAIL
+            log.info("%s: recipients require different policies; the first recipient's applies",
+                     self.getsymval("i") or "NOQUEUE")
+        self.policy = self.policy or policy
         self.rcpts.append(rcpt)
         return Milter.CONTINUE
 

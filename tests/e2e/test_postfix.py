@@ -39,7 +39,8 @@ def mta(tmp_path_factory, clamd, spamd):
                                          policy=policy))
         for name, policy in POLICIES.items()
     }
-    postfix = daemons.start_postfix(base / "postfix", {name: m.socket for name, m in milterds.items()})
+    postfix = daemons.start_postfix(base / "postfix", {name: m.socket for name, m in milterds.items()},
+                                    extra_main_cf={"non_smtpd_milters": milterds["shipped"].socket})
     yield postfix, milterds
     postfix.stop()
     for m in milterds.values():
@@ -131,6 +132,18 @@ def test_a_recipient_with_another_policy_is_deferred_to_a_new_transaction(mta):
         postfix_code, text = smtp.rcpt("someone@remote.test")
         smtp.rset()
     assert postfix_code == 452 and text.startswith(b"4.5.3")
+
+
+def test_local_submission_with_mixed_recipients_is_not_held(mta):
+    """Postfix cannot defer one recipient of sendmail(1) mail: the first recipient's policy applies."""
+    postfix, _ = mta
+    token = uuid.uuid4().hex.encode()
+    subprocess.run(["/usr/sbin/sendmail", "-C", str(postfix.config_directory), "-f", "root@example.com",
+                    "user@example.com", "someone@remote.test"],
+                   input=b"Subject: cron\n\n" + token + b"\n", check=True, timeout=30)
+    postfix.wait_delivered(token)
+    postfix.wait_queue_empty(20)
+    assert sum(token in m for m in postfix.delivered()) == 2
 
 
 def test_a_large_message_is_spooled_and_delivered_intact(mta):
