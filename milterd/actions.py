@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 
 import Milter
@@ -19,10 +20,14 @@ RESULT = {
 }
 
 
+_FOLD_POINT = re.compile(r"(?<=\S) (?=\S)")
+
+
 def fold(value: str, width: int = 76) -> str:
-    """Fold a long header value at spaces, with the LF-TAB continuation libmilter expects."""
+    """Fold a long header value at single spaces between words, with the LF-TAB continuation
+    libmilter expects; every other space stays where it is."""
     lines, line = [], ""
-    for word in value.split(" "):
+    for word in _FOLD_POINT.split(value):
         if line and len(line) + 1 + len(word) > width:
             lines.append(line)
             line = word

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .rules import Rules, load_rules
-from .tomlschema import ConfigError, build, read_toml
+from .tomlschema import POSITIVE, ConfigError, build, read_toml
 
 DEFAULT_PATH = Path("/etc/milterd/milterd.toml")
 
@@ -25,7 +25,7 @@ class MilterSettings:
     hostname: str = field(default_factory=socket.getfqdn)  # for X-Virus-Scanned
     spool_threshold: int = 1 << 20  # bytes of a message kept in memory; the rest goes to a temp file
     spool_dir: str = ""  # where spooled messages go ("" = the system temp dir)
-    max_concurrent: int = 32  # messages evaluated at once; more wait for a slot
+    max_concurrent: int = field(default=32, metadata=POSITIVE)  # messages evaluated at once; more wait for a slot
     timeout: int = 600  # seconds libmilter waits on an idle MTA connection
     log_file: str = ""  # "" = stderr in the foreground, syslog (mail facility) as a daemon
     log_level: typing.Literal["debug", "info", "warning", "error"] = "info"
@@ -35,15 +35,15 @@ class MilterSettings:
 @dataclass(frozen=True)
 class ClamavSettings:
     enabled: bool = True
-    socket: tuple[str, ...] = ("/run/clamav/clamd.ctl",)  # a path or "tcp:HOST:PORT"; a list = failover
-    timeout: float = 30.0
+    socket: tuple[str, ...] = field(default=("/run/clamav/clamd.ctl",), metadata=POSITIVE)  # a path or "tcp:HOST:PORT"; a list = failover
+    timeout: float = field(default=30.0, metadata=POSITIVE)
 
 
 @dataclass(frozen=True)
 class SpamdSettings:
     enabled: bool = True
-    address: tuple[str, ...] = ("127.0.0.1:783",)  # HOST:PORT or a unix socket path; a list = failover
-    timeout: float = 60.0
+    address: tuple[str, ...] = field(default=("127.0.0.1:783",), metadata=POSITIVE)  # HOST:PORT or a unix socket path; a list = failover
+    timeout: float = field(default=60.0, metadata=POSITIVE)
     max_size: int = 512000  # larger messages skip SpamAssassin, as spamc does
 
 

@@ -13,6 +13,9 @@ from enum import Enum
 from pathlib import Path
 
 
+POSITIVE = {"positive": True}  # field metadata: a number above zero, or a list that is not empty
+
+
 class ConfigError(Exception):
     """A configuration or rules problem; the message names the file and the key."""
 
@@ -30,13 +33,20 @@ def read_toml(path: Path) -> dict:
 def build(cls, data: dict, path: Path, prefix: str = ""):
     """Instantiate dataclass `cls` from a TOML table, checking every key and type."""
     hints = typing.get_type_hints(cls)
-    allowed = {f.name for f in fields(cls) if f.init}
+    fields_by_name = {f.name: f for f in fields(cls) if f.init}
+    allowed = set(fields_by_name)
     kwargs = {}
     for key, value in data.items():
         if key not in allowed:
             raise ConfigError(f"{path}: unknown key {prefix}{key}")
         kwargs[key] = _coerce(value, hints[key], path, f"{prefix}{key}")
+        if fields_by_name[key].metadata.get("positive") and not _positive(kwargs[key]):
+            raise ConfigError(f"{path}: {prefix}{key} must be above zero (or a list that is not empty)")
     return cls(**kwargs)
+
+
+def _positive(value) -> bool:
+    return len(value) > 0 if isinstance(value, tuple) else value > 0
 
 
 def _coerce(value, kind, path: Path, key: str):

@@ -17,7 +17,7 @@ from . import Check
 
 MAX_REPLY = 4 << 20
 _STATUS = re.compile(rb"^SPAMD/\d+\.\d+ (\d+) (.*)$")
-_SPAM = re.compile(rb"^Spam: *(True|False|Yes|No) *; *(-?[\d.]+) */ *(-?[\d.]+)", re.I | re.M)
+_SPAM = re.compile(rb"^Spam: *(True|False|Yes|No) *; *(-?\d+(?:\.\d+)?) */ *(-?\d+(?:\.\d+)?) *$", re.I | re.M)
 _RULE = re.compile(r"^ {0,3}(-?\d+(?:\.\d+)?) +([A-Z0-9_]+)\b")
 
 
@@ -43,7 +43,7 @@ def parse_reply(reply: bytes) -> tuple[float, float, tuple[tuple[str, float], ..
             in_table = True
         elif in_table and (rule := _RULE.match(line)):
             tests.append((rule.group(2), float(rule.group(1))))
-    return float(spam.group(2)), float(spam.group(3)), tuple(tests)
+    return float(spam.group(2)), float(spam.group(3)), tuple(tests)  # the regex admits only numbers
 
 
 def _connect(address: str, timeout: float) -> socket.socket:
