@@ -143,8 +143,12 @@ def _scan(config, args) -> int:
                 blocked |= verdict.blocked
                 if progress:
                     progress.step()
-                print(report.as_json(name, size, findings, verdict) if args.json else report.as_row(name, findings, verdict),
-                      flush=True)
+                print(
+                    report.as_json(name, size, findings, verdict)
+                    if args.json
+                    else report.as_row(name, findings, verdict),
+                    flush=True,
+                )
     except OSError as e:
         print(f"milterd: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -35,14 +35,16 @@ class MilterSettings:
 @dataclass(frozen=True)
 class ClamavSettings:
     enabled: bool = True
-    socket: tuple[str, ...] = field(default=("/run/clamav/clamd.ctl",), metadata=POSITIVE)  # a path or "tcp:HOST:PORT"; a list = failover
+    # a unix socket path or "tcp:HOST:PORT"; a list is a failover pool
+    socket: tuple[str, ...] = field(default=("/run/clamav/clamd.ctl",), metadata=POSITIVE)
     timeout: float = field(default=30.0, metadata=POSITIVE)
 
 
 @dataclass(frozen=True)
 class SpamdSettings:
     enabled: bool = True
-    address: tuple[str, ...] = field(default=("127.0.0.1:783",), metadata=POSITIVE)  # HOST:PORT or a unix socket path; a list = failover
+    # HOST:PORT or a unix socket path; a list is a failover pool
+    address: tuple[str, ...] = field(default=("127.0.0.1:783",), metadata=POSITIVE)
     timeout: float = field(default=60.0, metadata=POSITIVE)
     max_size: int = 512000  # larger messages skip SpamAssassin, as spamc does
 

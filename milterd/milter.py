@@ -82,8 +82,10 @@ class Session(Milter.Base):
             if self.smtp:
                 self.setreply("452", "4.5.3", "Too many recipients: please send this one separately")
                 return Milter.TEMPFAIL
-            log.info("%s: recipients require different policies; the first recipient's applies",
-                     self.getsymval("i") or "NOQUEUE")
+            log.info(
+                "%s: recipients require different policies; the first recipient's applies",
+                self.getsymval("i") or "NOQUEUE",
+            )
         self.policy = self.policy or policy
         self.rcpts.append(rcpt)
         return Milter.CONTINUE
@@ -126,8 +128,13 @@ class Session(Milter.Base):
             _, verdict = self.engine.evaluate(message)
             return actions.apply(self, verdict, self.header_names, self.subject)
         except Exception as e:  # never lose a message to a bug: the sender retries
-            log.error("%s: internal error, tempfail: %s: %s", envelope.queue_id or "NOQUEUE", type(e).__name__, e,
-                      exc_info=True)
+            log.error(
+                "%s: internal error, tempfail: %s: %s",
+                envelope.queue_id or "NOQUEUE",
+                type(e).__name__,
+                e,
+                exc_info=True,
+            )
             self.setreply("451", "4.3.0", "Temporary local problem, try again later")
             return Milter.TEMPFAIL
         finally:

@@ -81,7 +81,11 @@ def _guarded(check: Check, message: Message) -> Finding:
     try:
         finding = check.run(message)
     except Exception as e:  # a bug in a check must not lose the message: it becomes a failed check
-        log.error("check %s failed: %s", check.name, printable(f"{type(e).__name__}: {e}"),
-                  exc_info=log.isEnabledFor(logging.DEBUG))
+        log.error(
+            "check %s failed: %s",
+            check.name,
+            printable(f"{type(e).__name__}: {e}"),
+            exc_info=log.isEnabledFor(logging.DEBUG),
+        )
         finding = check.finding("error", detail=printable(f"{type(e).__name__}: {e}"))
     return replace(finding, elapsed=time.monotonic() - t0)

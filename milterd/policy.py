@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum, IntEnum
+from enum import IntEnum, StrEnum
 from typing import Literal
 
 from .findings import Finding
@@ -27,7 +27,7 @@ class Category(IntEnum):
     VIRUS = 9
 
 
-class Destiny(str, Enum):
+class Destiny(StrEnum):
     PASS = "PASS"
     DISCARD = "DISCARD"
     BOUNCE = "BOUNCE"
@@ -187,11 +187,7 @@ def _headers(findings, policy, categories, viruses, score, unchecked, hostname):
         headers.append(("X-Amavis-Alert", printable(f"UNCHECKED, {unchecked}", 900)))
     if policy.local and score is not None and score >= policy.tag_level:
         spammy = Category.SPAMMY in categories
-        tests = ", ".join(
-            f"{name}={format_score(points)}"
-            for f in findings.values()
-            for name, points in f.spam_tests
-        )
+        tests = ", ".join(f"{name}={format_score(points)}" for f in findings.values() for name, points in f.spam_tests)
         headers += [
             ("X-Spam-Flag", "YES" if spammy else "NO"),
             ("X-Spam-Score", format_score(score)),

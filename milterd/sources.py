@@ -8,9 +8,10 @@ import email.utils
 import io
 import mailbox
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 HEADER_LIMIT = 256 * 1024  # envelope defaults are read from at most this much of the header
 
@@ -70,7 +71,8 @@ def header_defaults(stream: BinaryIO) -> tuple[str, tuple[str, ...]]:
             sender = found[0][1]
             break
     rcpts = tuple(
-        addr for _, addr in email.utils.getaddresses([str(v) for f in ("To", "Cc") for v in headers.get_all(f, [])])
+        addr
+        for _, addr in email.utils.getaddresses([str(v) for f in ("To", "Cc") for v in headers.get_all(f, [])])
         if "@" in addr
     )
     return sender, rcpts

@@ -12,7 +12,6 @@ from dataclasses import fields, is_dataclass
 from enum import Enum
 from pathlib import Path
 
-
 POSITIVE = {"positive": True}  # field metadata: a number above zero, or a list that is not empty
 
 

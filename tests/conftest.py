@@ -69,8 +69,11 @@ def write_config(directory: Path, *, clamav: str, spamd: str, policy: dict | Non
 def _toml(data: dict) -> str:
     """Enough TOML for rules: scalars, lists of strings, one level of tables."""
     plain = [f"{k} = {json.dumps(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    tables = [f"[{k}]\n" + "\n".join(f"{kk} = {json.dumps(vv)}" for kk, vv in v.items())
-              for k, v in data.items() if isinstance(v, dict)]
+    tables = [
+        f"[{k}]\n" + "\n".join(f"{kk} = {json.dumps(vv)}" for kk, vv in v.items())
+        for k, v in data.items()
+        if isinstance(v, dict)
+    ]
     return "\n".join(plain) + "\n\n" + "\n\n".join(tables) + "\n"
 
 
@@ -91,8 +94,9 @@ def start_milterd(config: Path) -> Milterd:
     text = config.read_text().replace("[milter]\n", f'[milter]\nlisten = "inet:{port}@127.0.0.1"\n', 1)
     config.write_text(text)
     log = config.with_suffix(".log")
-    proc = subprocess.Popen([MILTERD, "run", "--foreground", "--config", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+    proc = subprocess.Popen(
+        [MILTERD, "run", "--foreground", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=open(log, "wb")
+    )
     daemons.wait_for_port("127.0.0.1", port, 20, proc, logs=[log])
     return Milterd(port, log, proc)
 

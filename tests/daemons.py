@@ -22,10 +22,10 @@ start daemons from a thread that lives as long as you need them (normally the ma
 from __future__ import annotations
 
 import atexit
+import grp
 import hashlib
 import os
 import pwd
-import grp
 import shutil
 import signal
 import socket
@@ -33,9 +33,9 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 __all__ = [
     "free_port",
@@ -72,6 +72,7 @@ STOP_GRACE = 8.0  # seconds between SIGTERM and SIGKILL
 
 # --------------------------------------------------------------------------- helpers
 
+
 def free_port() -> int:
     """A currently free TCP port on 127.0.0.1 (the OS picks it; tiny race accepted)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -99,20 +100,19 @@ def _describe(proc: subprocess.Popen) -> str:
     """The daemon's command line, not the reaper's (see _spawn)."""
     args = [str(a) for a in proc.args]
     if "--reap" in args[:4]:
-        args = args[args.index("--reap") + 2:]
+        args = args[args.index("--reap") + 2 :]
     return " ".join(args)
 
 
-def _wait(probe, what: str, timeout: float, proc: subprocess.Popen | None,
-          logs: Sequence[Path | str]) -> None:
+def _wait(probe, what: str, timeout: float, proc: subprocess.Popen | None, logs: Sequence[Path | str]) -> None:
     """Poll probe() until it returns True; fail fast if proc died, with the log tails."""
     deadline = time.monotonic() + timeout
     delay = 0.01
     while True:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(
-                f"{_describe(proc)} exited with {proc.returncode} while waiting for "
-                f"{what}\n{_tail(logs)}")
+                f"{_describe(proc)} exited with {proc.returncode} while waiting for {what}\n{_tail(logs)}"
+            )
         try:
             if probe():
                 return
@@ -124,16 +124,18 @@ def _wait(probe, what: str, timeout: float, proc: subprocess.Popen | None,
         delay = min(delay * 2, 0.1)
 
 
-def wait_for_port(host: str, port: int, timeout: float,
-                  proc: subprocess.Popen | None = None, *,
-                  logs: Sequence[Path | str] = ()) -> None:
+def wait_for_port(
+    host: str, port: int, timeout: float, proc: subprocess.Popen | None = None, *, logs: Sequence[Path | str] = ()
+) -> None:
     """Wait until host:port accepts a TCP connection (readiness, not a fixed sleep).
 
     Raises RuntimeError with the tails of ``logs`` if ``proc`` exits first or on timeout.
     """
+
     def probe() -> bool:
         with socket.create_connection((host, port), timeout=0.5):
             return True
+
     _wait(probe, f"{host}:{port}", timeout, proc, logs)
 
 
@@ -164,8 +166,14 @@ def _listening(port: int, pid: int | None = None) -> bool:
     return False
 
 
-def wait_for_listen(port: int, timeout: float, proc: subprocess.Popen | None = None, *,
-                    pid: int | None = None, logs: Sequence[Path | str] = ()) -> None:
+def wait_for_listen(
+    port: int,
+    timeout: float,
+    proc: subprocess.Popen | None = None,
+    *,
+    pid: int | None = None,
+    logs: Sequence[Path | str] = (),
+) -> None:
     """Wait until a TCP port is in LISTEN state (held by pid if given), without connecting.
 
     For Postfix: a probe connection would make smtpd run a whole milter session (and
@@ -174,15 +182,17 @@ def wait_for_listen(port: int, timeout: float, proc: subprocess.Popen | None = N
     _wait(lambda: _listening(port, pid), f"a listener on port {port}", timeout, proc, logs)
 
 
-def wait_for_unix_socket(path: Path | str, timeout: float,
-                         proc: subprocess.Popen | None = None, *,
-                         logs: Sequence[Path | str] = ()) -> None:
+def wait_for_unix_socket(
+    path: Path | str, timeout: float, proc: subprocess.Popen | None = None, *, logs: Sequence[Path | str] = ()
+) -> None:
     """Wait until the unix stream socket at path accepts a connection."""
+
     def probe() -> bool:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(0.5)
             s.connect(str(path))
             return True
+
     _wait(probe, f"unix:{path}", timeout, proc, logs)
 
 
@@ -203,7 +213,8 @@ def make_traversable(path: Path | str) -> None:
         if st.st_uid != os.geteuid() or d == home or d.parent == Path("/"):
             raise RuntimeError(
                 f"{d} is not searchable by other users; the daemons' users need it. "
-                f"Use a work directory below /tmp or chmod o+x {d} yourself.")
+                f"Use a work directory below /tmp or chmod o+x {d} yourself."
+            )
         os.chmod(d, stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
 
 
@@ -215,6 +226,7 @@ def _chown(path: Path, user: str, group: str | None = None) -> None:
 
 # --------------------------------------------------------------------------- process wrapper
 
+
 def _reaper_main(pidfile: str, argv: Sequence[str]) -> None:
     """Body of the wrapper process (``python -I daemons.py --reap PIDFILE ARGV...``).
 
@@ -223,11 +235,12 @@ def _reaper_main(pidfile: str, argv: Sequence[str]) -> None:
     reaps every descendant; it exits (with the daemon's status) when none is left.
     """
     import ctypes
+
     libc = ctypes.CDLL(None, use_errno=True)
     parent = os.getppid()
-    libc.prctl(36, 1, 0, 0, 0)                    # PR_SET_CHILD_SUBREAPER
-    libc.prctl(1, signal.SIGTERM, 0, 0, 0)        # PR_SET_PDEATHSIG
-    if os.getppid() != parent:                    # parent already gone
+    libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # parent already gone
         sys.exit(1)
     sigs = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
     signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
@@ -246,6 +259,7 @@ def _reaper_main(pidfile: str, argv: Sequence[str]) -> None:
                 os.kill(child, sig)
             except ProcessLookupError:
                 pass
+
     for sig in sigs:
         signal.signal(sig, forward)
     with open(pidfile + ".tmp", "w") as f:
@@ -269,11 +283,12 @@ def _reaper_argv(pidfile: Path, argv: Sequence[str]) -> list[str]:
     return [sys.executable, "-I", str(Path(__file__).resolve()), "--reap", str(pidfile), *argv]
 
 
-_LIVE: dict[int, "_Managed"] = {}
+_LIVE: dict[int, _Managed] = {}
 
 
-def _spawn(argv: Sequence[str], workdir: Path, name: str,
-           env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int, Path]:
+def _spawn(
+    argv: Sequence[str], workdir: Path, name: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, int, Path]:
     """Start argv under the reaper; return (wrapper Popen, daemon pid, stdout/stderr file)."""
     out = workdir / f"{name}.out"
     pidfile = workdir / f"{name}.wrapper.pid"
@@ -281,13 +296,20 @@ def _spawn(argv: Sequence[str], workdir: Path, name: str,
     with open(out, "ab") as f:
         proc = subprocess.Popen(
             _reaper_argv(pidfile, argv),
-            stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-            cwd=workdir, env=env, start_new_session=True, close_fds=True)
+            stdin=subprocess.DEVNULL,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+        )
     holder: list[int] = []
 
     def probe() -> bool:
         holder.append(int(pidfile.read_text()))
         return True
+
     _wait(probe, f"{name} to be spawned", 10, proc, [out])
     return proc, holder[0], out
 
@@ -362,6 +384,7 @@ atexit.register(stop_all)
 
 # --------------------------------------------------------------------------- clamd
 
+
 def write_test_signatures(dbdir: Path) -> None:
     """The only signatures our clamd gets (ClamAV ships none; freshclam can't reach its
     servers): EICAR as a body signature and clam.exe by MD5, which also covers archives
@@ -370,8 +393,7 @@ def write_test_signatures(dbdir: Path) -> None:
     dbdir.mkdir(parents=True, exist_ok=True)
     (dbdir / "test.ndb").write_text(f"Eicar-Test-Signature:0:*:{EICAR.hex()}\n")
     data = CLAM_EXE.read_bytes()
-    (dbdir / "test.hdb").write_text(
-        f"{hashlib.md5(data).hexdigest()}:{len(data)}:ClamAV-Test-File\n")
+    (dbdir / "test.hdb").write_text(f"{hashlib.md5(data).hexdigest()}:{len(data)}:ClamAV-Test-File\n")
 
 
 def _clamd_ping(family: int, address) -> bool:
@@ -417,39 +439,46 @@ def start_clamd(workdir: Path, database_dir: Path | None = None, timeout: float 
     tmp.mkdir(exist_ok=True)
     port = free_port()
     conf = workdir / "clamd.conf"
-    conf.write_text("\n".join([
-        "Foreground yes",
-        f"LocalSocket {sock}",
-        "LocalSocketMode 666",
-        "FixStaleSocket yes",
-        f"TCPSocket {port}",
-        "TCPAddr 127.0.0.1",
-        f"DatabaseDirectory {Path(database_dir).resolve()}",
-        f"TemporaryDirectory {tmp}",
-        f"LogFile {log}",
-        "LogTime yes",
-        "LogClean no",
-        f"PidFile {workdir / 'clamd.pid'}",
-        "StreamMaxLength 25M",
-        "MaxFileSize 25M",
-        "ScanArchive yes",
-        "ScanPE yes",
-        "ScanOLE2 yes",
-        "ScanPDF yes",
-        "ScanHTML yes",
-        "ScanMail yes",
-        "MaxThreads 8",
-        "SelfCheck 0",
-        "Bytecode no",
-        "",
-    ]))
+    conf.write_text(
+        "\n".join(
+            [
+                "Foreground yes",
+                f"LocalSocket {sock}",
+                "LocalSocketMode 666",
+                "FixStaleSocket yes",
+                f"TCPSocket {port}",
+                "TCPAddr 127.0.0.1",
+                f"DatabaseDirectory {Path(database_dir).resolve()}",
+                f"TemporaryDirectory {tmp}",
+                f"LogFile {log}",
+                "LogTime yes",
+                "LogClean no",
+                f"PidFile {workdir / 'clamd.pid'}",
+                "StreamMaxLength 25M",
+                "MaxFileSize 25M",
+                "ScanArchive yes",
+                "ScanPE yes",
+                "ScanOLE2 yes",
+                "ScanPDF yes",
+                "ScanHTML yes",
+                "ScanMail yes",
+                "MaxThreads 8",
+                "SelfCheck 0",
+                "Bytecode no",
+                "",
+            ]
+        )
+    )
     proc, pid, out = _spawn([CLAMD, "-c", str(conf)], workdir, "clamd")
-    d = Clamd(socket_path=sock, port=port, pid=pid, log=log, config=conf, proc=proc,
-              out=out)._register()
+    d = Clamd(socket_path=sock, port=port, pid=pid, log=log, config=conf, proc=proc, out=out)._register()
     try:
-        _wait(lambda: _clamd_ping(socket.AF_UNIX, str(sock)) and
-              _clamd_ping(socket.AF_INET, ("127.0.0.1", port)),
-              "clamd PING on both sockets", timeout, proc, [log, out])
+        _wait(
+            lambda: _clamd_ping(socket.AF_UNIX, str(sock)) and _clamd_ping(socket.AF_INET, ("127.0.0.1", port)),
+            "clamd PING on both sockets",
+            timeout,
+            proc,
+            [log, out],
+        )
     except BaseException:
         d.stop()
         raise
@@ -504,8 +533,7 @@ def _spamd_ping(port: int) -> bool:
     return b" PONG" in reply
 
 
-def start_spamd(workdir: Path, timeout: float = 60, children: int = 2,
-                user: str = "debian-spamd") -> Spamd:
+def start_spamd(workdir: Path, timeout: float = 60, children: int = 2, user: str = "debian-spamd") -> Spamd:
     """Start spamd with a private site config (workdir/sa); returns once it answers PING.
 
     The site config holds copies of the system's *.pre files (they load the plugins
@@ -533,18 +561,33 @@ def start_spamd(workdir: Path, timeout: float = 60, children: int = 2,
         _chown(run, user)
         _chown(log, user)
     port = free_port()
-    argv = [SPAMD, "-L", "-x", f"--siteconfigpath={sa}",
-            "-i", "127.0.0.1", "-p", str(port), "-A", "127.0.0.1",
-            "-m", str(children), "--min-children=1", "--min-spare=1",
-            f"--max-spare={children}",
-            "-r", str(run / "spamd.pid"), "-s", str(log)]
+    argv = [
+        SPAMD,
+        "-L",
+        "-x",
+        f"--siteconfigpath={sa}",
+        "-i",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-A",
+        "127.0.0.1",
+        "-m",
+        str(children),
+        "--min-children=1",
+        "--min-spare=1",
+        f"--max-spare={children}",
+        "-r",
+        str(run / "spamd.pid"),
+        "-s",
+        str(log),
+    ]
     if os.geteuid() == 0:
         argv[1:1] = ["-u", user]
     proc, pid, out = _spawn(argv, workdir, "spamd")
     d = Spamd(port=port, pid=pid, log=log, siteconfig=sa, proc=proc, out=out)._register()
     try:
-        _wait(lambda: _spamd_ping(port), f"spamd PING on 127.0.0.1:{port}", timeout, proc,
-              [log, out])
+        _wait(lambda: _spamd_ping(port), f"spamd PING on 127.0.0.1:{port}", timeout, proc, [log, out])
     except BaseException:
         d.stop()
         raise
@@ -594,10 +637,10 @@ def _run_on_tty(argv: Sequence[str], timeout: float = 60) -> tuple[int, str]:
     """
     import pty
     import select
+
     mfd, sfd = pty.openpty()
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=sfd, stderr=sfd,
-                                close_fds=True)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=sfd, stderr=sfd, close_fds=True)
     finally:
         os.close(sfd)
     chunks = []
@@ -658,8 +701,10 @@ class Postfix(_Managed):
                 if token in m:
                     return m
             if time.monotonic() >= deadline:
-                raise RuntimeError(f"no delivered message contains {token!r} after {timeout}s; "
-                                   f"queue: {self.queue_files()}\n{_tail([self.log])}")
+                raise RuntimeError(
+                    f"no delivered message contains {token!r} after {timeout}s; "
+                    f"queue: {self.queue_files()}\n{_tail([self.log])}"
+                )
             time.sleep(0.05)
 
     def queue_files(self) -> list[Path]:
@@ -675,23 +720,27 @@ class Postfix(_Managed):
         deadline = time.monotonic() + timeout
         while self.queue_files():
             if time.monotonic() >= deadline:
-                raise RuntimeError(f"queue not empty after {timeout}s: {self.queue_files()}\n"
-                                   f"{_tail([self.log])}")
+                raise RuntimeError(f"queue not empty after {timeout}s: {self.queue_files()}\n{_tail([self.log])}")
             time.sleep(0.05)
 
     def postconf(self, *args: str) -> str:
         """Run postconf against this instance (e.g. postconf('-n'))."""
-        return subprocess.run(["postconf", "-c", str(self.config_directory), *args],
-                              check=True, capture_output=True, text=True).stdout
+        return subprocess.run(
+            ["postconf", "-c", str(self.config_directory), *args], check=True, capture_output=True, text=True
+        ).stdout
 
     def flush(self) -> None:
         """Retry deferred mail now (postqueue -f)."""
         subprocess.run(["postqueue", "-c", str(self.config_directory), "-f"], check=True)
 
 
-def start_postfix(workdir: Path, listeners: dict[str, str | None],
-                  hostname: str = "mx.milterd.test", timeout: float = 30,
-                  extra_main_cf: dict[str, str] | None = None) -> Postfix:
+def start_postfix(
+    workdir: Path,
+    listeners: dict[str, str | None],
+    hostname: str = "mx.milterd.test",
+    timeout: float = 30,
+    extra_main_cf: dict[str, str] | None = None,
+) -> Postfix:
     """Start a private Postfix (own config, queue, data dir) under workdir.
 
     listeners maps a name to that smtpd's smtpd_milters (None = no milter); each gets
@@ -738,7 +787,7 @@ def start_postfix(workdir: Path, listeners: dict[str, str | None],
         "smtp_dns_support_level": "disabled",
         "maillog_file": str(log),
         "maillog_file_prefixes": str(workdir),  # default allows only /var and /dev/stdout
-        "alias_maps": "",                         # keep away from /etc/aliases
+        "alias_maps": "",  # keep away from /etc/aliases
         "alias_database": "",
         "biff": "no",
         "virtual_mailbox_domains": " ".join(VIRTUAL_DOMAINS),
@@ -778,10 +827,10 @@ def start_postfix(workdir: Path, listeners: dict[str, str | None],
     (queue / "pid" / "master.pid").unlink(missing_ok=True)
 
     env = dict(os.environ, MAIL_CONFIG=str(etc))
-    proc, pid, out = _spawn([POSTFIX_MASTER, "-c", str(etc), "-s"], workdir, "postfix-master",
-                            env=env)
-    d = Postfix(ports=ports, maildir=maildir, pid=pid, log=log, config_directory=etc,
-                queue_directory=queue, proc=proc, out=out)._register()
+    proc, pid, out = _spawn([POSTFIX_MASTER, "-c", str(etc), "-s"], workdir, "postfix-master", env=env)
+    d = Postfix(
+        ports=ports, maildir=maildir, pid=pid, log=log, config_directory=etc, queue_directory=queue, proc=proc, out=out
+    )._register()
     try:
         for port in ports.values():
             wait_for_listen(port, timeout, proc, pid=pid, logs=[log, out])
@@ -790,7 +839,8 @@ def start_postfix(workdir: Path, listeners: dict[str, str | None],
         raise RuntimeError(
             f"{e}\nNote: Postfix's master reports start-up fatals (e.g. 'bind ... Address "
             f"already in use') only to syslog, which does not exist here, so the reason may "
-            f"be missing above; `postfix -c {etc} check` passed.") from None
+            f"be missing above; `postfix -c {etc} check` passed."
+        ) from None
     except BaseException:
         d.stop()
         raise

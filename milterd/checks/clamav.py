@@ -86,4 +86,3 @@ class ClamavCheck(Check):
                 return self.finding("ok")
             return self.finding("error", detail=printable(f"{address}: {line}"))
         return self.finding("unavailable", detail=printable("; ".join(failures), 500))
-

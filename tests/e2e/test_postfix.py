@@ -9,7 +9,6 @@ import shutil
 import smtplib
 import subprocess
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -34,13 +33,21 @@ def mta(tmp_path_factory, clamd, spamd):
     daemons.make_traversable(base)
     dead = f"127.0.0.1:{daemons.free_port()}"
     milterds = {
-        name: start_milterd(write_config(base / name, clamav=str(clamd.socket_path),
-                                         spamd=dead if name in DEAD_SPAMD else f"127.0.0.1:{spamd.port}",
-                                         policy=policy))
+        name: start_milterd(
+            write_config(
+                base / name,
+                clamav=str(clamd.socket_path),
+                spamd=dead if name in DEAD_SPAMD else f"127.0.0.1:{spamd.port}",
+                policy=policy,
+            )
+        )
         for name, policy in POLICIES.items()
     }
-    postfix = daemons.start_postfix(base / "postfix", {name: m.socket for name, m in milterds.items()},
-                                    extra_main_cf={"non_smtpd_milters": milterds["shipped"].socket})
+    postfix = daemons.start_postfix(
+        base / "postfix",
+        {name: m.socket for name, m in milterds.items()},
+        extra_main_cf={"non_smtpd_milters": milterds["shipped"].socket},
+    )
     yield postfix, milterds
     postfix.stop()
     for m in milterds.values():
@@ -51,9 +58,19 @@ def send(mta, listener: str, body: bytes, rcpts=("user@example.com",), subject="
     """Submit one message with a unique token; returns the token. SMTP errors propagate."""
     postfix, _ = mta
     token = uuid.uuid4().hex.encode()
-    raw = (b"From: sender@remote.test\r\nTo: user@example.com\r\nSubject: " + subject.encode() +
-           b"\r\nMessage-ID: <" + token + b"@remote.test>\r\nDate: Wed, 25 Nov 2026 05:00:00 +0000\r\n" + extra +
-           b"\r\n" + body + b"\r\n" + token + b"\r\n")
+    raw = (
+        b"From: sender@remote.test\r\nTo: user@example.com\r\nSubject: "
+        + subject.encode()
+        + b"\r\nMessage-ID: <"
+        + token
+        + b"@remote.test>\r\nDate: Wed, 25 Nov 2026 05:00:00 +0000\r\n"
+        + extra
+        + b"\r\n"
+        + body
+        + b"\r\n"
+        + token
+        + b"\r\n"
+    )
     with smtplib.SMTP("127.0.0.1", postfix.ports[listener], timeout=60) as smtp:
         smtp.sendmail("sender@remote.test", list(rcpts), raw)
     return token
@@ -77,13 +94,17 @@ def test_eicar_is_rejected_at_end_of_data(mta):
 
 def test_gtube_under_pass_is_delivered_flagged_and_tagged_and_forged_flags_are_gone(mta):
     postfix, _ = mta
-    token = send(mta, "shipped", GTUBE, subject="cheap pills", extra=b"X-Spam-Flag: NO\r\nX-Spam-Status: No, forged\r\n")
+    token = send(
+        mta, "shipped", GTUBE, subject="cheap pills", extra=b"X-Spam-Flag: NO\r\nX-Spam-Status: No, forged\r\n"
+    )
     delivered = postfix.wait_delivered(token)
     assert header(delivered, "X-Spam-Flag") == ["YES"]
     assert header(delivered, "Subject") == ["***SPAM*** cheap pills"]
     [status] = header(delivered, "X-Spam-Status")
     assert status.startswith("Yes, score=1000") and "GTUBE=1000" in status and "required=4" in status
-    assert header(delivered, "X-Virus-Scanned") == ["milterd at " + header(delivered, "X-Virus-Scanned")[0].split(" at ")[1]]
+    assert header(delivered, "X-Virus-Scanned") == [
+        "milterd at " + header(delivered, "X-Virus-Scanned")[0].split(" at ")[1]
+    ]
 
 
 def test_gtube_under_reject_is_refused(mta):
@@ -138,9 +159,20 @@ def test_local_submission_with_mixed_recipients_is_not_held(mta):
     """Postfix cannot defer one recipient of sendmail(1) mail: the first recipient's policy applies."""
     postfix, _ = mta
     token = uuid.uuid4().hex.encode()
-    subprocess.run(["/usr/sbin/sendmail", "-C", str(postfix.config_directory), "-f", "root@example.com",
-                    "user@example.com", "someone@remote.test"],
-                   input=b"Subject: cron\n\n" + token + b"\n", check=True, timeout=30)
+    subprocess.run(
+        [
+            "/usr/sbin/sendmail",
+            "-C",
+            str(postfix.config_directory),
+            "-f",
+            "root@example.com",
+            "user@example.com",
+            "someone@remote.test",
+        ],
+        input=b"Subject: cron\n\n" + token + b"\n",
+        check=True,
+        timeout=30,
+    )
     postfix.wait_delivered(token)
     postfix.wait_queue_empty(20)
     assert sum(token in m for m in postfix.delivered()) == 2
@@ -158,8 +190,11 @@ def test_one_log_line_per_message_with_queue_id_and_check_times(mta):
     postfix, milterds = mta
     token = send(mta, "shipped", b"log me")
     postfix.wait_delivered(token)
-    queue_id = next(line.split(": ")[1] for line in postfix.log.read_text().splitlines()
-                    if token.decode() in line and "message-id=" in line)
+    queue_id = next(
+        line.split(": ")[1]
+        for line in postfix.log.read_text().splitlines()
+        if token.decode() in line and "message-id=" in line
+    )
     lines = [line for line in milterds["shipped"].log.read_text().splitlines() if f" {queue_id}: " in line]
     assert len(lines) == 1
     assert "category=CLEAN" in lines[0] and "action=accept" in lines[0]
@@ -171,8 +206,14 @@ def test_miltertest_drives_milterd_at_the_protocol_level(mta, tmp_path):
     """miltertest (OpenDKIM's independent milter client) checks the actions at end of message."""
     _, milterds = mta
     script = tmp_path / "gtube.lua"
-    script.write_text(MILTERTEST_SCRIPT % {"port": milterds["shipped"].port, "gtube": GTUBE.decode(),
-                                             "eicar": daemons.EICAR.decode().replace("\\", "\\\\")})
+    script.write_text(
+        MILTERTEST_SCRIPT
+        % {
+            "port": milterds["shipped"].port,
+            "gtube": GTUBE.decode(),
+            "eicar": daemons.EICAR.decode().replace("\\", "\\\\"),
+        }
+    )
     result = subprocess.run(["miltertest", "-v", "-s", str(script)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -40,13 +40,17 @@ def mail(body: str = "Hello Bob, lunch on Thursday?\n", attachment: tuple[str, b
 
 @pytest.mark.parametrize("name", ["clam.exe", "clam.zip", "clam.7z", "clam.tar.gz", "clam.exe.rtf"])
 def test_clamav_finds_test_files_inside_mime_attachments(clamd, name):
-    finding = ClamavCheck([str(clamd.socket_path)], 10).run(message(mail(attachment=(name, (TESTFILES / name).read_bytes()))))
+    finding = ClamavCheck([str(clamd.socket_path)], 10).run(
+        message(mail(attachment=(name, (TESTFILES / name).read_bytes())))
+    )
     assert finding.status == "ok"
     assert finding.viruses == ("ClamAV-Test-File.UNOFFICIAL",)
 
 
 def test_clamav_finds_eicar_over_tcp_from_a_spool_on_disk(clamd):
-    finding = ClamavCheck([f"tcp:127.0.0.1:{clamd.port}"], 10).run(message(mail(attachment=("e.com", daemons.EICAR)), threshold=16))
+    finding = ClamavCheck([f"tcp:127.0.0.1:{clamd.port}"], 10).run(
+        message(mail(attachment=("e.com", daemons.EICAR)), threshold=16)
+    )
     assert finding.viruses == ("Eicar-Test-Signature.UNOFFICIAL",)
 
 
@@ -90,7 +94,9 @@ def test_a_silent_scanner_times_out_within_the_deadline():
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         port = silent.getsockname()[1]
-        pipeline = Pipeline([ClamavCheck([f"tcp:127.0.0.1:{port}"], 1.0), SpamdCheck([f"127.0.0.1:{port}"], 1.0, 512000)])
+        pipeline = Pipeline(
+            [ClamavCheck([f"tcp:127.0.0.1:{port}"], 1.0), SpamdCheck([f"127.0.0.1:{port}"], 1.0, 512000)]
+        )
         t0 = time.monotonic()
         findings = pipeline.run(message(mail()))
         assert time.monotonic() - t0 < 3.5
@@ -116,8 +122,12 @@ def scan_config(tmp_path_factory, clamd, spamd):
 
 
 def scan(config: Path, *args) -> tuple[int, list[dict], str]:
-    result = subprocess.run([MILTERD, "scan", "--config", str(config), "--json", *map(str, args)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [MILTERD, "scan", "--config", str(config), "--json", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return result.returncode, [json.loads(line) for line in result.stdout.splitlines()], result.stderr
 
 
@@ -133,7 +143,18 @@ def test_scan_json_on_an_mbox_and_a_maildir(scan_config, tmp_path):
     assert [r["category"] for r in records] == ["CLEAN", "SPAM", "VIRUS", "CLEAN"]
     assert [r["action"] for r in records] == ["accept", "accept", "reject", "accept"]
     for record in records:
-        assert {"file", "category", "spam_score", "viruses", "banned", "action", "dkim", "spf", "checks", "headers"} <= set(record)
+        assert {
+            "file",
+            "category",
+            "spam_score",
+            "viruses",
+            "banned",
+            "action",
+            "dkim",
+            "spf",
+            "checks",
+            "headers",
+        } <= set(record)
     assert records[2]["viruses"] == ["ClamAV-Test-File.UNOFFICIAL"]
     assert records[2]["checks"]["spamd"]["status"] == "skipped"
     assert ["X-Spam-Flag", "YES"] in records[1]["headers"]
@@ -147,7 +168,9 @@ def test_scan_envelope_options_decide_local_or_not(scan_config, tmp_path):
 
 
 def test_scan_without_backends_says_unavailable_and_tempfails(tmp_path):
-    config = write_config(tmp_path / "cfg", clamav=str(tmp_path / "none.sock"), spamd=f"127.0.0.1:{daemons.free_port()}")
+    config = write_config(
+        tmp_path / "cfg", clamav=str(tmp_path / "none.sock"), spamd=f"127.0.0.1:{daemons.free_port()}"
+    )
     (tmp_path / "m.eml").write_bytes(mail())
     code, [record], stderr = scan(config, tmp_path / "m.eml")
     assert code == 1
@@ -158,6 +181,7 @@ def test_scan_without_backends_says_unavailable_and_tempfails(tmp_path):
 
 
 def test_scan_usage_errors_exit_2(scan_config, tmp_path):
-    result = subprocess.run([MILTERD, "scan", "--config", str(scan_config), str(tmp_path / "missing.eml")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [MILTERD, "scan", "--config", str(scan_config), str(tmp_path / "missing.eml")], capture_output=True, text=True
+    )
     assert result.returncode == 2 and "missing.eml" in result.stderr and "Traceback" not in result.stderr

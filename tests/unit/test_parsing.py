@@ -49,9 +49,7 @@ def report(
         b"Content preview:  " + preview + b"\n"
         b"Content analysis details:   (-0.0 points, 5.0 required)\n\n"
         b" pts rule name              description\n"
-        b"---- ---------------------- --------------------------------------------------\n"
-        + table
-        + b"\n"
+        b"---- ---------------------- --------------------------------------------------\n" + table + b"\n"
     )
     return b"SPAMD/1.1 0 EX_OK\r\nContent-length: %d\r\n%s\r\n\r\n%s" % (
         len(body),
@@ -214,9 +212,7 @@ def test_fold_never_loses_a_space(value):
 
 
 words = st.lists(
-    st.text(
-        st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=90
-    ),
+    st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=90),
     max_size=40,
 )
 
@@ -227,9 +223,7 @@ def test_fold_round_trips_and_respects_the_width(words, width):
     folded = fold(value, width)
     assert folded.replace("\n\t", " ") == value
     for line in folded.split("\n\t"):
-        assert (
-            len(line) <= width or " " not in line
-        )  # only a single over-long word may exceed it
+        assert len(line) <= width or " " not in line  # only a single over-long word may exceed it
 
 
 # sanitize.printable: attacker text made safe for headers, replies and logs
@@ -305,9 +299,7 @@ def test_exactly_the_threshold_stays_in_memory_one_byte_more_goes_to_disk():
 
 def test_a_message_past_the_threshold_is_read_back_whole_from_disk():
     data = bytes(range(256)) * 1000
-    spool = spool_of(
-        [data[i : i + 1000] for i in range(0, len(data), 1000)], threshold=4096
-    )
+    spool = spool_of([data[i : i + 1000] for i in range(0, len(data), 1000)], threshold=4096)
     assert spool.on_disk and spool.size == len(data)
     assert spool.reader().read() == data
     spool.close()

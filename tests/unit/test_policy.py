@@ -144,9 +144,7 @@ def test_the_spam_level_is_the_sum_of_every_checks_score():
     v = verdict(spamd(4.0, ("A", 4.0)), extra, local=True)
     assert v.spam_score == 6.5
     assert Category.SPAM in v.categories
-    assert header(v, "X-Spam-Status") == [
-        "Yes, score=6.5 tagged_above=2 required=6.31 tests=[A=4, PYZOR_CHECK=2.5]"
-    ]
+    assert header(v, "X-Spam-Status") == ["Yes, score=6.5 tagged_above=2 required=6.31 tests=[A=4, PYZOR_CHECK=2.5]"]
 
 
 # Precedence: the walk goes from the highest category down; the first non-PASS destiny blocks.
@@ -224,11 +222,7 @@ def test_spamd_skipped_after_a_virus_is_not_a_scanner_failure():
 def test_x_spam_headers_appear_at_or_above_tag_level(score, tagged):
     v = verdict(clamav(), spamd(score), local=True)
     spam_headers = [n for n in names(v) if n.startswith("X-Spam-")]
-    assert spam_headers == (
-        ["X-Spam-Flag", "X-Spam-Score", "X-Spam-Level", "X-Spam-Status"]
-        if tagged
-        else []
-    )
+    assert spam_headers == (["X-Spam-Flag", "X-Spam-Score", "X-Spam-Level", "X-Spam-Status"] if tagged else [])
 
 
 @pytest.mark.parametrize(
@@ -272,23 +266,17 @@ def test_tag_level_minus_999_means_headers_always_even_at_score_zero():
     assert header(v, "X-Spam-Flag") == ["NO"]
     assert header(v, "X-Spam-Score") == ["0"]
     assert header(v, "X-Spam-Level") == [""]
-    assert header(v, "X-Spam-Status") == [
-        "No, score=0 tagged_above=-999 required=6.31 tests=[]"
-    ]
+    assert header(v, "X-Spam-Status") == ["No, score=0 tagged_above=-999 required=6.31 tests=[]"]
 
 
 def test_tag_level_minus_999_tags_a_negative_score_with_an_empty_level():
     v = verdict(spamd(-0.0, ("NO_RELAYS", -0.0)), tag_level=-999, local=True)
     assert header(v, "X-Spam-Score") == ["0"]
-    assert header(v, "X-Spam-Status") == [
-        "No, score=0 tagged_above=-999 required=6.31 tests=[NO_RELAYS=0]"
-    ]
+    assert header(v, "X-Spam-Status") == ["No, score=0 tagged_above=-999 required=6.31 tests=[NO_RELAYS=0]"]
 
 
 def test_no_spam_headers_when_spamassassin_did_not_run():
-    v = verdict(
-        clamav(), Finding("spamd", "skipped", critical=True), tag_level=-999, local=True
-    )
+    v = verdict(clamav(), Finding("spamd", "skipped", critical=True), tag_level=-999, local=True)
     assert names(v) == ["X-Virus-Scanned"]
 
 
@@ -403,9 +391,7 @@ def test_a_non_critical_failed_check_does_not_make_unchecked(status):
 
 
 def test_unchecked_with_destiny_pass_is_delivered_tagged_and_alerted():
-    v = verdict(
-        clamav(), down("spamd", "timeout"), scanner_failure="unchecked", local=True
-    )
+    v = verdict(clamav(), down("spamd", "timeout"), scanner_failure="unchecked", local=True)
     assert (v.category, v.action, v.reply) == (Category.UNCHECKED, "accept", None)
     assert v.subject_tag == "***UNCHECKED*** "
     assert v.headers == (
@@ -415,9 +401,7 @@ def test_unchecked_with_destiny_pass_is_delivered_tagged_and_alerted():
 
 
 def test_unchecked_for_a_remote_recipient_gets_the_alert_but_no_subject_tag():
-    v = verdict(
-        down("clamav", "error"), spamd(1.0), scanner_failure="unchecked", local=False
-    )
+    v = verdict(down("clamav", "error"), spamd(1.0), scanner_failure="unchecked", local=False)
     assert (v.action, v.subject_tag) == ("accept", "")
     assert v.headers == (("X-Amavis-Alert", "UNCHECKED, clamav error"),)
 
@@ -428,16 +412,12 @@ def test_unchecked_for_a_remote_recipient_gets_the_alert_but_no_subject_tag():
         (
             "REJECT",
             "reject",
-            Reply(
-                "554", "5.7.0", "Rejected: message could not be checked (spamd error)"
-            ),
+            Reply("554", "5.7.0", "Rejected: message could not be checked (spamd error)"),
         ),
         (
             "BOUNCE",
             "reject",
-            Reply(
-                "554", "5.7.0", "Rejected: message could not be checked (spamd error)"
-            ),
+            Reply("554", "5.7.0", "Rejected: message could not be checked (spamd error)"),
         ),
         ("DISCARD", "discard", None),
     ],
@@ -459,14 +439,8 @@ def test_subject_tags_come_from_the_highest_category_virus_then_unchecked_then_s
         "destiny": {"virus": "PASS"},
         "local": True,
     }
-    assert (
-        verdict(clamav(EICAR), spamd(20.0), down("razor"), **everything).subject_tag
-        == "***INFECTED*** "
-    )
-    assert (
-        verdict(clamav(), spamd(20.0), down("razor"), **everything).subject_tag
-        == "***UNCHECKED*** "
-    )
+    assert verdict(clamav(EICAR), spamd(20.0), down("razor"), **everything).subject_tag == "***INFECTED*** "
+    assert verdict(clamav(), spamd(20.0), down("razor"), **everything).subject_tag == "***UNCHECKED*** "
     assert verdict(clamav(), spamd(20.0), **everything).subject_tag == "***SPAM*** "
 
 
@@ -519,9 +493,7 @@ def test_spam_headers_look_exactly_like_amavis():
 
 def test_x_spam_status_below_tag2_says_no():
     v = verdict(
-        spamd(
-            3.25, ("HTML_MESSAGE", 0.001), ("BAYES_50", 0.8), ("MISSING_DATE", 2.449)
-        ),
+        spamd(3.25, ("HTML_MESSAGE", 0.001), ("BAYES_50", 0.8), ("MISSING_DATE", 2.449)),
         local=True,
     )
     assert header(v, "X-Spam-Status") == [
@@ -560,18 +532,14 @@ def test_x_spam_score_is_three_decimals_with_trailing_zeros_dropped(score, text)
         (1000.0, 64),
     ],
 )
-def test_x_spam_level_is_one_star_per_point_capped_at_64_and_empty_below_1(
-    score, stars
-):
+def test_x_spam_level_is_one_star_per_point_capped_at_64_and_empty_below_1(score, stars):
     v = verdict(spamd(score), tag_level=-999, local=True)
     assert header(v, "X-Spam-Level") == ["*" * stars]
 
 
 def test_required_and_tagged_above_are_the_recipients_levels():
     v = verdict(spamd(4.5), tag_level=1.5, tag2_level=4.0, kill_level=4.0, local=True)
-    assert header(v, "X-Spam-Status") == [
-        "Yes, score=4.5 tagged_above=1.5 required=4 tests=[]"
-    ]
+    assert header(v, "X-Spam-Status") == ["Yes, score=4.5 tagged_above=1.5 required=4 tests=[]"]
 
 
 @pytest.mark.parametrize(
@@ -611,10 +579,7 @@ def assert_safe(text: str) -> None:
 def test_a_hostile_virus_name_is_sanitised_in_the_reject_reply():
     v = verdict(clamav(HOSTILE), destiny={"virus": "REJECT"})
     assert_safe(v.reply.text)
-    assert (
-        v.reply.text
-        == "Rejected: virus Evil??Bcc: victim@example.net??s?n???[31m found"
-    )
+    assert v.reply.text == "Rejected: virus Evil??Bcc: victim@example.net??s?n???[31m found"
 
 
 def test_a_hostile_virus_name_is_sanitised_in_every_header():

@@ -81,9 +81,7 @@ def test_no_local_domains_means_no_recipient_is_local():
 def test_policy_for_a_local_recipient_is_the_policy_with_local_set():
     base = Policy(tag2_level=4.0, kill_level=4.0)
     rules = Rules(policy=base, local_domains=("example.com",))
-    assert rules.policy_for("<u@example.com>") == Policy(
-        tag2_level=4.0, kill_level=4.0, local=True
-    )
+    assert rules.policy_for("<u@example.com>") == Policy(tag2_level=4.0, kill_level=4.0, local=True)
     assert rules.policy_for("u@remote.test") == base
     assert rules.policy_for("u@remote.test").local is False
 
@@ -116,9 +114,7 @@ def test_defaults_are_debian_amavis():
         spam=Destiny.PASS,
         bad_header=Destiny.PASS,
     )
-    assert p.subject_tags == SubjectTags(
-        "***INFECTED*** ", "***UNCHECKED*** ", "***SPAM*** "
-    )
+    assert p.subject_tags == SubjectTags("***INFECTED*** ", "***UNCHECKED*** ", "***SPAM*** ")
     assert (p.scanner_failure, p.local) == ("tempfail", False)
 
 
@@ -174,18 +170,11 @@ def test_destiny_values_are_case_insensitive(tmp_path):
             '[destiny]\nvirus = "reject"\nspam = "Discard"\nunchecked = "bounce"\n',
         )
     )
-    assert rules.policy.destiny == Destinies(
-        virus=Destiny.REJECT, spam=Destiny.DISCARD, unchecked=Destiny.BOUNCE
-    )
+    assert rules.policy.destiny == Destinies(virus=Destiny.REJECT, spam=Destiny.DISCARD, unchecked=Destiny.BOUNCE)
 
 
 def test_scanner_failure_unchecked_is_accepted(tmp_path):
-    assert (
-        load_rules(
-            rules_dir(tmp_path, 'scanner_failure = "unchecked"\n')
-        ).policy.scanner_failure
-        == "unchecked"
-    )
+    assert load_rules(rules_dir(tmp_path, 'scanner_failure = "unchecked"\n')).policy.scanner_failure == "unchecked"
 
 
 @pytest.mark.parametrize(
@@ -350,9 +339,7 @@ def test_a_missing_rules_directory_is_an_error(tmp_path):
     path = config_file(tmp_path, '[milter]\nrules = "nope"\n', rules=None)
     with pytest.raises(ConfigError) as e:
         load_config(path)
-    assert (
-        str(e.value) == f"{path}: milter.rules: {tmp_path / 'nope'} is not a directory"
-    )
+    assert str(e.value) == f"{path}: milter.rules: {tmp_path / 'nope'} is not a directory"
 
 
 def test_the_default_rules_directory_must_exist_too(tmp_path):
@@ -363,16 +350,12 @@ def test_the_default_rules_directory_must_exist_too(tmp_path):
 
 def test_a_mistake_in_the_rules_is_reported_through_load_config(tmp_path):
     path = config_file(tmp_path, "", rules="[destiny]\nvirus = 'KEEP'\n")
-    with pytest.raises(
-        ConfigError, match=r"rules/policy\.toml: destiny\.virus must be one of"
-    ):
+    with pytest.raises(ConfigError, match=r"rules/policy\.toml: destiny\.virus must be one of"):
         load_config(path)
 
 
 def test_a_missing_config_file_is_an_error_not_the_defaults(tmp_path):
-    with pytest.raises(
-        ConfigError, match="absent.toml: cannot read: No such file or directory"
-    ):
+    with pytest.raises(ConfigError, match="absent.toml: cannot read: No such file or directory"):
         load_config(tmp_path / "absent.toml")
 
 
@@ -395,9 +378,7 @@ def test_a_setting_that_would_stop_all_mail_is_a_config_error(tmp_path, text):
 
 def test_check_config_accepts_a_good_file(tmp_path):
     shutil.copytree(SHIPPED_RULES, tmp_path / "rules")
-    path = config_file(
-        tmp_path, '[clamav]\nsocket = "/run/clamav/clamd.ctl"\n', rules=None
-    )
+    path = config_file(tmp_path, '[clamav]\nsocket = "/run/clamav/clamd.ctl"\n', rules=None)
     result = subprocess.run(
         [MILTERD, "check-config", "--config", str(path)],
         check=False,
@@ -416,9 +397,7 @@ def test_check_config_accepts_a_good_file(tmp_path):
         ("", 'tag_level = "high"\n', "tag_level must be a number"),
     ],
 )
-def test_check_config_rejects_a_bad_file_with_exit_2_naming_the_key(
-    tmp_path, config_text, rules_text, named
-):
+def test_check_config_rejects_a_bad_file_with_exit_2_naming_the_key(tmp_path, config_text, rules_text, named):
     path = config_file(tmp_path, config_text, rules=rules_text)
     result = subprocess.run(
         [MILTERD, "check-config", "--config", str(path)],
