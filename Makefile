@@ -7,7 +7,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEB_PACKAGES := gcc libmilter-dev postfix clamav-daemon clamav-testfiles spamassassin spamd spamc \
                 razor pyzor python3-gdbm miltertest iproute2
 
-.PHONY: deps install run test test-unit test-integration test-e2e lint check-config clean
+.PHONY: deps install run bench bench-quick test test-unit test-integration test-e2e lint check-config clean
 
 deps:
 	@missing=$$(for p in $(DEB_PACKAGES); do \
@@ -50,3 +50,9 @@ check-config: install
 
 clean:
 	rm -rf $(VENV) .run build *.egg-info
+
+bench: install
+	$(VENV)/bin/python -m bench.run
+
+bench-quick: install
+	$(VENV)/bin/python -m bench.run --quick

@@ -163,6 +163,8 @@ def serve(engine: Engine) -> None:
             return main()
 
         Milter.milter.main = main_as_user  # runmilter opens the socket, then calls main()
+    if settings.listen.startswith(("unix:", "local:")):
+        os.umask(0o111)  # the socket must be writable by Postfix; the directory's mode guards it
     log.info("milterd listening on %s", settings.listen)
     Milter.runmilter("milterd", settings.listen, settings.timeout)
     log.info("milterd stopped")

@@ -79,26 +79,36 @@ def _toml(data: dict) -> str:
 
 @dataclass
 class Milterd:
-    port: int
+    listen: str  # milterd's form: inet:PORT@HOST or unix:PATH
     log: Path
     proc: subprocess.Popen
 
     @property
+    def port(self) -> int:
+        return int(self.listen.split(":")[1].split("@")[0])
+
+    @property
     def socket(self) -> str:
+        """Postfix's form of the same socket."""
+        if self.listen.startswith("unix:"):
+            return self.listen
         return f"inet:127.0.0.1:{self.port}"
 
 
-def start_milterd(config: Path) -> Milterd:
-    """`milterd run --foreground` on a free port, as a user would start it."""
-    port = daemons.free_port()
-    text = config.read_text().replace("[milter]\n", f'[milter]\nlisten = "inet:{port}@127.0.0.1"\n', 1)
-    config.write_text(text)
+def start_milterd(config: Path, unix: Path | None = None) -> Milterd:
+    """`milterd run --foreground` on a free port (or a unix socket), as a user would start it."""
+    port = 0 if unix else daemons.free_port()
+    listen = f"unix:{unix}" if unix else f"inet:{port}@127.0.0.1"
+    config.write_text(config.read_text().replace("[milter]\n", f'[milter]\nlisten = "{listen}"\n', 1))
     log = config.with_suffix(".log")
     proc = subprocess.Popen(
         [MILTERD, "run", "--foreground", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=open(log, "wb")
     )
-    daemons.wait_for_port("127.0.0.1", port, 20, proc, logs=[log])
-    return Milterd(port, log, proc)
+    if unix:
+        daemons.wait_for_unix_socket(unix, 20, proc, logs=[log])
+    else:
+        daemons.wait_for_port("127.0.0.1", port, 20, proc, logs=[log])
+    return Milterd(listen, log, proc)
 
 
 def stop_milterd(milterd: Milterd) -> None:
