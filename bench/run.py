@@ -8,6 +8,7 @@ Counted at delivery (the Maildir), never at acceptance. First harness: amavisd-n
 from __future__ import annotations
 
 import argparse
+import email.utils
 import statistics
 import tempfile
 import threading
@@ -34,7 +35,7 @@ def message(token: str) -> bytes:
     return (
         (
             f"From: alice@remote.test\r\nTo: user@example.com\r\nSubject: report {token[:8]}\r\n"
-            f"Message-ID: <{token}@remote.test>\r\nDate: Wed, 25 Nov 2026 05:00:00 +0000\r\n\r\n"
+            f"Message-ID: <{token}@remote.test>\r\nDate: {email.utils.formatdate()}\r\n\r\n"
         ).encode()
         + BODY
         + token.encode()

@@ -6,6 +6,7 @@ code, and no milterd log grows a Traceback or an "internal error" line.
 
 from __future__ import annotations
 
+import email.utils
 import smtplib
 import socket
 import threading
@@ -46,7 +47,7 @@ def message(token: bytes, subject: bytes = b"test", extra: bytes = b"", body: by
     """A raw message carrying token in its Message-ID (and body, if any); body None = no blank line."""
     head = (
         b"From: sender@remote.test\r\nTo: user@example.com\r\nSubject: " + subject + b"\r\n"
-        b"Message-ID: <" + token + b"@remote.test>\r\nDate: Wed, 25 Nov 2026 05:00:00 +0000\r\n" + extra
+        b"Message-ID: <" + token + b"@remote.test>\r\nDate: " + email.utils.formatdate().encode() + b"\r\n" + extra
     )
     if body is None:
         return head

@@ -5,6 +5,7 @@ Every assertion about delivered mail reads the copy Postfix delivered, not milte
 
 from __future__ import annotations
 
+import email.utils
 import shutil
 import smtplib
 import subprocess
@@ -63,7 +64,9 @@ def send(mta, listener: str, body: bytes, rcpts=("user@example.com",), subject="
         + subject.encode()
         + b"\r\nMessage-ID: <"
         + token
-        + b"@remote.test>\r\nDate: Wed, 25 Nov 2026 05:00:00 +0000\r\n"
+        + b"@remote.test>\r\nDate: "
+        + email.utils.formatdate().encode()
+        + b"\r\n"
         + extra
         + b"\r\n"
         + body

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import json
 import mailbox
 import socket
@@ -31,7 +32,7 @@ def message(raw: bytes, threshold: int = 1 << 20) -> Message:
 def mail(body: str = "Hello Bob, lunch on Thursday?\n", attachment: tuple[str, bytes] | None = None) -> bytes:
     msg = EmailMessage()
     msg["From"], msg["To"], msg["Subject"] = "a@remote.test", "u@example.com", "test"
-    msg["Date"], msg["Message-ID"] = "Wed, 25 Nov 2026 05:00:00 +0000", "<test.1@remote.test>"
+    msg["Date"], msg["Message-ID"] = email.utils.formatdate(), "<test.1@remote.test>"
     msg.set_content(body)
     if attachment:
         msg.add_attachment(attachment[1], maintype="application", subtype="octet-stream", filename=attachment[0])
