@@ -59,7 +59,7 @@ def load(postfix, listener: str, count: int, concurrency: int, result: Result, t
             code = 250
             try:
                 with smtplib.SMTP("127.0.0.1", postfix.ports[listener], timeout=timeout) as smtp:
-                    smtp.sendmail("alice@remote.test", ["user@example.com"], message(uuid.uuid4().hex))
+                    smtp.sendmail("alice@remote.test", ["user@example.com"], message("mtok_" + uuid.uuid4().hex))
             except smtplib.SMTPResponseException as e:
                 code = e.smtp_code
             with lock:

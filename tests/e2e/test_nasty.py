@@ -11,13 +11,12 @@ import smtplib
 import socket
 import threading
 import time
-import uuid
 
 import pytest
 
 from tests import daemons
 from tests.conftest import GTUBE
-from tests.e2e.test_postfix import header, mta, send  # noqa: F401
+from tests.e2e.test_postfix import header, mta, new_token, send  # noqa: F401
 
 BAD = ("Traceback", "internal error")
 
@@ -58,10 +57,6 @@ def submit(mta, raw: bytes, listener="shipped", rcpts=("user@example.com",)) -> 
     postfix, _ = mta
     with smtplib.SMTP("127.0.0.1", postfix.ports[listener], timeout=60) as smtp:
         smtp.sendmail("sender@remote.test", list(rcpts), raw)
-
-
-def new_token() -> bytes:
-    return uuid.uuid4().hex.encode()
 
 
 def test_invalid_utf8_subject_on_gtube_is_delivered_flagged(mta, logs):  # noqa: F811
