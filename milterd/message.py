@@ -37,7 +37,7 @@ class Spool:
     def __init__(self, threshold: int = 1 << 20, directory: str | None = None):
         self._threshold = threshold
         self._directory = directory or None
-        self._memory = bytearray()
+        self._memory: bytearray | bytes = bytearray()
         self._file: BinaryIO | None = None
         self.size = 0
 
@@ -55,7 +55,8 @@ class Spool:
     def reader(self) -> BinaryIO:
         """A new reader from the first byte; independent of other readers."""
         if self._file is None:
-            return io.BytesIO(bytes(self._memory))
+            self._memory = bytes(self._memory)  # once: BytesIO shares an immutable buffer, no copy per reader
+            return io.BytesIO(self._memory)
         self._file.flush()
         return io.BufferedReader(_PReader(self._file.fileno(), self.size), CHUNK)
 
