@@ -28,12 +28,13 @@ class Engine:
         """The transaction's policy: its first recipient's (the milter defers recipients that differ)."""
         return self.rules.policy_for(recipients[0]) if recipients else self.rules.policy
 
-    def evaluate(self, message: Message) -> tuple[dict[str, Finding], Verdict]:
+    def evaluate(self, message: Message, policy: Policy | None = None) -> tuple[dict[str, Finding], Verdict]:
+        """`policy`: the one the milter settled at RCPT time (looked up once); scan leaves it to us."""
         findings = self.pipeline.run(message)
         envelope = message.envelope
         verdict = decide(
             findings,
-            self.policy_for(envelope.rcpts),
+            policy or self.policy_for(envelope.rcpts),
             sender=envelope.mail_from,
             hostname=self.config.milter.hostname,
         )

@@ -125,7 +125,7 @@ class Session(Milter.Base):
         )
         message = Message(envelope, self.spool)
         try:
-            _, verdict = self.engine.evaluate(message)
+            _, verdict = self.engine.evaluate(message, self.policy)
             return actions.apply(self, verdict, self.header_names, self.subject)
         except Exception as e:  # never lose a message to a bug: the sender retries
             log.error(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import email.utils
 import shutil
 import smtplib
+import socket
 import subprocess
 import uuid
 
@@ -111,9 +112,7 @@ def test_gtube_under_pass_is_delivered_flagged_and_tagged_and_forged_flags_are_g
     assert header(delivered, "Subject") == ["***SPAM*** cheap pills"]
     [status] = header(delivered, "X-Spam-Status")
     assert status.startswith("Yes, score=1000") and "GTUBE=1000" in status and "required=4" in status
-    assert header(delivered, "X-Virus-Scanned") == [
-        "milterd at " + header(delivered, "X-Virus-Scanned")[0].split(" at ")[1]
-    ]
+    assert header(delivered, "X-Virus-Scanned") == ["milterd at " + socket.getfqdn()]
 
 
 def test_gtube_under_reject_is_refused(mta):

@@ -49,9 +49,9 @@ def test_clamav_finds_test_files_inside_mime_attachments(clamd, name):
 
 
 def test_clamav_finds_eicar_over_tcp_from_a_spool_on_disk(clamd):
-    finding = ClamavCheck([f"tcp:127.0.0.1:{clamd.port}"], 10).run(
-        message(mail(attachment=("e.com", daemons.EICAR)), threshold=16)
-    )
+    spooled = message(mail(attachment=("e.com", daemons.EICAR)), threshold=16)
+    assert spooled.spool.on_disk
+    finding = ClamavCheck([f"tcp:127.0.0.1:{clamd.port}"], 10).run(spooled)
     assert finding.viruses == ("Eicar-Test-Signature.UNOFFICIAL",)
 
 
