@@ -58,7 +58,9 @@ class Spool:
             self._memory = bytes(self._memory)  # once: BytesIO shares an immutable buffer, no copy per reader
             return io.BytesIO(self._memory)
         self._file.flush()
-        return io.BufferedReader(_PReader(self._file.fileno(), self.size), CHUNK)
+        # Its own descriptor: a check that outlives its deadline keeps reading this message even
+        # after the spool is closed, never another message's file that reused the number.
+        return io.BufferedReader(_PReader(os.dup(self._file.fileno()), self.size), CHUNK)
 
     def close(self) -> None:
         if self._file is not None:
@@ -79,13 +81,18 @@ class Spool:
 
 
 class _PReader(io.RawIOBase):
-    """Reads a file descriptor with pread from its own offset, leaving the descriptor's alone."""
+    """Reads (and finally closes) a file descriptor with pread from its own offset."""
 
     def __init__(self, fd: int, size: int):
         self._fd, self._size, self._pos = fd, size, 0
 
     def readable(self) -> bool:
         return True
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
 
     def readinto(self, buffer) -> int:
         want = min(len(buffer), self._size - self._pos)

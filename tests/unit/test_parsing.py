@@ -376,3 +376,14 @@ def test_a_spool_reads_back_exactly_what_was_written(chunks, threshold):
         assert one.read() == data[len(data) // 2 :]
     finally:
         spool.close()
+
+
+def test_a_reader_outlives_its_spool_and_keeps_its_own_bytes():
+    """A check past its deadline may still be reading when the message is done and closed."""
+    spool = spool_of([b"first message " * 10], threshold=10)
+    reader = spool.reader()
+    spool.close()
+    other = spool_of([b"other message " * 10], threshold=10)  # may reuse the closed descriptor's number
+    assert reader.read() == b"first message " * 10
+    reader.close()
+    other.close()
