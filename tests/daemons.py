@@ -740,6 +740,7 @@ def start_postfix(
     hostname: str = "mx.milterd.test",
     timeout: float = 30,
     extra_main_cf: dict[str, str] | None = None,
+    extra_master_cf: str = "",
 ) -> Postfix:
     """Start a private Postfix (own config, queue, data dir) under workdir.
 
@@ -754,7 +755,9 @@ def start_postfix(
     `find` over the shared system directories. Readiness = every listener socket is in
     LISTEN state and held by the master (no probe connection, which would start a milter
     session). All daemons run with chroot n; mail for the virtual domains goes to
-    ``maildir`` as user nobody. Needs root. ``extra_main_cf`` overrides main.cf settings.
+    ``maildir`` as user nobody. Needs root. ``extra_main_cf`` overrides main.cf settings;
+    ``extra_master_cf`` is appended to master.cf as is (extra services such as a
+    content_filter's transport and reinjection smtpd; readiness does not wait for them).
     """
     if os.geteuid() != 0:
         raise RuntimeError("a private Postfix instance needs root")
@@ -811,7 +814,7 @@ def start_postfix(
         lines.append(line)
     main.update(extra_main_cf or {})
     (etc / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in main.items()))
-    (etc / "master.cf").write_text(_MASTER_CF.format(listeners="\n".join(lines)))
+    (etc / "master.cf").write_text(_MASTER_CF.format(listeners="\n".join(lines)) + extra_master_cf)
     # Postfix will not trust a config file modified within the last second or so: it
     # re-reads it every 300 ms until its mtime is old enough (~2 s on every program start
     # right after writing, `postfix check` included). Backdating removes that wait.
