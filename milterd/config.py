@@ -38,6 +38,8 @@ class ClamavSettings:
     # a unix socket path or "tcp:HOST:PORT"; a list is a failover pool
     socket: tuple[str, ...] = field(default=("/run/clamav/clamd.ctl",), metadata=POSITIVE)
     timeout: float = field(default=30.0, metadata=POSITIVE)
+    # clamd's StreamMaxLength default: clamd refuses larger streams, so larger mail is UNCHECKED
+    max_size: int = field(default=25 * 1024 * 1024, metadata=POSITIVE)
 
 
 @dataclass(frozen=True)

@@ -114,13 +114,14 @@ def decide(findings: Mapping[str, Finding], policy: Policy, *, sender: str, host
     """The amavis walk: categories high to low, the first whose destiny is not PASS blocks."""
     viruses = tuple(v for f in findings.values() for v in f.viruses)
     failed = [f for f in findings.values() if f.critical and f.failed]
+    uninspected = failed + [f for f in findings.values() if f.critical and f.status == "unchecked"]
     scores = [f.spam_score for f in findings.values() if f.spam_score is not None]
     score = sum(scores) if scores else None
 
     categories = {Category.CLEAN}
     if viruses:
         categories.add(Category.VIRUS)
-    if failed:
+    if uninspected:
         categories.add(Category.UNCHECKED)
     if score is not None and score >= policy.kill_level:
         categories.add(Category.SPAM)
@@ -128,7 +129,9 @@ def decide(findings: Mapping[str, Finding], policy: Policy, *, sender: str, host
         categories.add(Category.SPAMMY)
     ordered = tuple(sorted(categories, reverse=True))
 
-    unchecked_why = ", ".join(f"{f.name} {f.status}" for f in failed)
+    unchecked_why = ", ".join(
+        f"{f.name} {f.status}" + (f" ({f.detail})" if f.status == "unchecked" else "") for f in uninspected
+    )
     for category in ordered:
         if category is Category.UNCHECKED and failed and policy.scanner_failure == "tempfail":
             reply = Reply("451", "4.7.1", printable(f"Try again later: {unchecked_why}"))

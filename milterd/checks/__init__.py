@@ -37,7 +37,7 @@ def build_checks(config) -> list[Check]:
 
     checks: list[Check] = []
     if config.clamav.enabled:
-        checks.append(ClamavCheck(config.clamav.socket, config.clamav.timeout))
+        checks.append(ClamavCheck(config.clamav.socket, config.clamav.timeout, config.clamav.max_size))
     if config.spamd.enabled:
         checks.append(SpamdCheck(config.spamd.address, config.spamd.timeout, config.spamd.max_size))
     return checks

@@ -57,11 +57,14 @@ class ClamavCheck(Check):
     name = "clamav"
     critical = True
 
-    def __init__(self, addresses: Sequence[str], timeout: float):
+    def __init__(self, addresses: Sequence[str], timeout: float, max_size: int = 25 * 1024 * 1024):
         self.addresses = tuple(addresses)
         self.timeout = timeout
+        self.max_size = max_size
 
     def run(self, message: Message) -> Finding:
+        if message.size > self.max_size:  # clamd would cut the stream off: say so instead of retrying forever
+            return self.finding("unchecked", detail=f"larger than max_size ({message.size} > {self.max_size} bytes)")
         failures = []
         for address in self.addresses:
             clam = scanner(address, self.timeout)  # per scan: the clamd package keeps the socket on the object

@@ -60,6 +60,14 @@ def test_clamav_clean_message(clamd):
     assert (finding.status, finding.viruses) == ("ok", ())
 
 
+def test_clamav_does_not_stream_a_message_over_max_size_and_says_unchecked(clamd):
+    """clamd would cut a stream over its StreamMaxLength off with an error; we say why and never retry."""
+    big = mail(attachment=("e.com", daemons.EICAR + b"x" * 5000))
+    finding = ClamavCheck([str(clamd.socket_path)], 10, max_size=4096).run(message(big))
+    assert finding.status == "unchecked" and not finding.failed
+    assert "larger than max_size" in finding.detail
+
+
 def test_clamav_pool_fails_over_to_the_next_socket(clamd, tmp_path):
     check = ClamavCheck([str(tmp_path / "no.sock"), f"tcp:127.0.0.1:{daemons.free_port()}", str(clamd.socket_path)], 10)
     assert check.run(message(mail(attachment=("e.com", daemons.EICAR)))).viruses
@@ -186,3 +194,18 @@ def test_scan_usage_errors_exit_2(scan_config, tmp_path):
         [MILTERD, "scan", "--config", str(scan_config), str(tmp_path / "missing.eml")], capture_output=True, text=True
     )
     assert result.returncode == 2 and "missing.eml" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_tcp_nodelay_is_set_on_the_listener_and_inherited_by_accepted_sockets():
+    """libmilter hides its sockets; milterd sets TCP_NODELAY on the listener it finds among its descriptors,
+    which removes a 40 ms Nagle/delayed-ACK stall per message with header changes (measured by make bench)."""
+    from milterd.milter import no_delay_on_listeners
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        no_delay_on_listeners()
+        assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        with socket.create_connection(listener.getsockname()) as client:
+            accepted, _ = listener.accept()
+            with accepted:
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            assert not client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)

@@ -644,3 +644,12 @@ def test_the_tempfail_reply_is_safe_even_for_a_strange_check_name():
 )
 def test_is_own_header(name, own):
     assert is_own_header(name) is own
+
+
+def test_a_deliberately_uninspected_message_is_unchecked_but_never_tempfailed():
+    """A size limit will not go away on retry: the UNCHECKED destiny decides, not scanner_failure."""
+    findings = {"clamav": Finding("clamav", "unchecked", critical=True, detail="larger than max_size")}
+    verdict = decide(findings, Policy(scanner_failure="tempfail"), sender="a@b", hostname="mx")
+    assert verdict.category is Category.UNCHECKED
+    assert verdict.action == "accept"
+    assert "larger than max_size" in dict(verdict.headers)["X-Amavis-Alert"]
