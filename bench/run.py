@@ -1,143 +1,438 @@
-"""`make bench`: delivered msgs/s and SMTP latency through a private Postfix, with and without milterd.
+"""`make bench`: milterd beside Postfix alone and amavisd-new, on the same clamd and SpamAssassin, in one run.
 
-Every configuration runs on the same clamd and spamd, interleaved (A B C A B C ...), and the table
-shows medians. Every message is unique (token in the body and Message-ID), so no cache can help.
-Counted at delivery (the Maildir), never at acceptance. First harness: amavisd-new is not in it yet.
+One private Postfix relays everything to smtp-sink; each configuration has its own smtpd listener:
+  plain          Postfix alone: the ceiling
+  noop_pymilter  a pymilter milter with milterd's callbacks that does nothing: the protocol's floor
+  off_inet       milterd, every check off, inet:   (framework cost)
+  off_unix       the same over a unix socket
+  full           milterd with clamd + spamd
+  amavis         content_filter to amavisd-new (clamd + SpamAssassin in-process), reinjected on a second smtpd
+  backends       no MTA: clamd INSTREAM then spamd REPORT per message, as milterd asks them: their own ceiling
+Runs are interleaved (A B C ... A B C) and the table shows medians. Every message is unique. A run
+counts a message when its fate is settled: delivered at the sink, refused at SMTP, or dropped by
+amavis (its log says Blocked); anything else after the drain timeout is reported as LOST.
 """
 
 from __future__ import annotations
 
 import argparse
-import email.utils
+import datetime
+import os
+import platform
+import re
+import smtplib
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import corpus
+from bench.amavis import postfix_master_lines, start_amavis
+from milterd.checks import build_checks
+from milterd.config import load_config
+from milterd.message import Envelope, Message, Spool
 from tests import daemons
 from tests.conftest import start_milterd, stop_milterd, write_config
 
-BODY = ("This is a plain business message about the quarterly report and lunch on Friday.\r\n" * 125).encode()
+MTA_CONFIGS = ("plain", "noop_pymilter", "off_inet", "off_unix", "full", "amavis")
+SLOW = ("full", "amavis", "backends")  # configurations that run SpamAssassin
+CHILDREN = 5  # spamd children = amavis children: the same SpamAssassin parallelism for both
+POLICY = {"destiny": {"virus": "REJECT", "banned": "REJECT", "spam": "REJECT"}}  # amavis: D_DISCARD, no bounce
+RESULTS = Path(__file__).resolve().parent.parent / ".run"
 
 
 @dataclass
-class Result:
-    rates: list[float] = field(default_factory=list)
-    p50: list[float] = field(default_factory=list)
-    p99: list[float] = field(default_factory=list)
-    codes: dict[int, int] = field(default_factory=dict)
+class Run:
+    rate: float  # settled messages per second
+    p50: float  # ms per SMTP transaction (per message for `backends`)
+    p99: float
+    cpu_ms: float  # whole-machine CPU per settled message
+    codes: Counter
+    lost: int
 
 
-def message(token: str) -> bytes:
-    return (
-        (
-            f"From: alice@remote.test\r\nTo: user@example.com\r\nSubject: report {token[:8]}\r\n"
-            f"Message-ID: <{token}@remote.test>\r\nDate: {email.utils.formatdate()}\r\n\r\n"
-        ).encode()
-        + BODY
-        + token.encode()
-        + b"\r\n"
-    )
+@dataclass
+class Cell:
+    runs: list[Run] = field(default_factory=list)
+
+    def median(self, attribute: str) -> float:
+        return statistics.median(getattr(r, attribute) for r in self.runs)
 
 
-def load(postfix, listener: str, count: int, concurrency: int, result: Result, timeout: float) -> None:
-    """Send `count` unique messages from `concurrency` clients; wait until all are delivered or refused."""
-    import smtplib
+_SINK_COUNT = re.compile(rb"mesg=(\d+)")
 
-    postfix.wait_queue_empty(60)
-    before = len(postfix.delivered())
-    latencies, lock, numbers = [], threading.Lock(), iter(range(count))
-    refused = 0
 
-    def client():
-        nonlocal refused
-        for _ in numbers:
-            t0 = time.perf_counter()
-            code = 250
+class Sink:
+    """smtp-sink counting completed DATA commands (`-c` writes "... mesg=N ..." to its output each time)."""
+
+    def __init__(self, workdir: Path):
+        self.port = daemons.free_port()
+        self.proc, self.pid, self.out = daemons._spawn(
+            ["/usr/sbin/smtp-sink", "-c", "-u", "nobody", f"127.0.0.1:{self.port}", "1024"], workdir, "smtp-sink"
+        )
+        daemons.wait_for_port("127.0.0.1", self.port, 10, self.proc, logs=[self.out])
+
+    def count(self) -> int:
+        with open(self.out, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 200))
+            counts = _SINK_COUNT.findall(f.read())
+        return int(counts[-1]) if counts else 0
+
+    def stop(self) -> None:
+        daemons._terminate(self.proc, self.pid, [self.out])
+
+
+def machine_cpu_seconds() -> float:
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_pids(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
             try:
-                with smtplib.SMTP("127.0.0.1", postfix.ports[listener], timeout=timeout) as smtp:
-                    smtp.sendmail("alice@remote.test", ["user@example.com"], message("mtok_" + uuid.uuid4().hex))
-            except smtplib.SMTPResponseException as e:
-                code = e.smtp_code
+                with open(f"/proc/{entry.name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo += children.get(pid, [])
+    return pids
+
+
+def pss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            pass
+    return total / 1024
+
+
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+class MemorySampler(threading.Thread):
+    """Peak PSS of each watched process tree, sampled twice a second (the kernel keeps no peak PSS)."""
+
+    def __init__(self, roots: dict[str, int]):
+        super().__init__(daemon=True)
+        self.roots, self.peak = roots, dict.fromkeys(roots, 0.0)
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.5):
+            for name, root in self.roots.items():
+                self.peak[name] = max(self.peak[name], pss_mb(tree_pids(root)))
+
+
+def run_load(
+    send: Callable[[bytes], int],
+    samples: list[corpus.Sample],
+    count: int,
+    concurrency: int,
+    settled: Callable[[], int] | None,
+    timeout: float,
+) -> Run:
+    """Send `count` unique messages from `concurrency` clients, then wait until each one's fate is settled.
+
+    `send` returns the reply code (250 accepted); `settled()` counts messages accepted earlier whose
+    fate is now known (delivered, or dropped by the filter); None when `send` itself settles them.
+    """
+    latencies, codes, lock = [], Counter(), threading.Lock()
+    numbers = iter(range(count))
+
+    def client() -> None:
+        for n in numbers:
+            raw = corpus.unique(samples[n % len(samples)].raw, "mtok_" + uuid.uuid4().hex)
+            t0 = time.perf_counter()
+            code = send(raw)
             with lock:
                 latencies.append(time.perf_counter() - t0)
-                result.codes[code] = result.codes.get(code, 0) + 1
-                refused += code != 250
+                codes[code] += 1
 
-    start = time.perf_counter()
+    cpu0, start = machine_cpu_seconds(), time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    while len(postfix.delivered()) - before < count - refused and time.perf_counter() - start < timeout:
-        time.sleep(0.01)
+    accepted = codes[250]
+    if settled is None:
+        settled = lambda: accepted  # noqa: E731
+    while settled() < accepted and time.perf_counter() - start < timeout:
+        time.sleep(0.005)
     elapsed = time.perf_counter() - start
-    delivered = len(postfix.delivered()) - before
+    done = min(settled(), accepted) + count - accepted
     latencies.sort()
-    result.rates.append(delivered / elapsed)
-    result.p50.append(latencies[len(latencies) // 2] * 1000)
-    result.p99.append(latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1000)
+    return Run(
+        rate=done / elapsed,
+        p50=latencies[len(latencies) // 2] * 1000,
+        p99=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
+        cpu_ms=(machine_cpu_seconds() - cpu0) / max(1, done) * 1000,
+        codes=codes,
+        lost=count - done,
+    )
 
 
-def peak_rss_mb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) // 1024
+def settled_counter(sink: Sink, amavis=None) -> Callable[[], int]:
+    """Messages settled since now: delivered at the sink, plus those amavis dropped (its log says Blocked)."""
+    sink0 = sink.count()
+    blocked0 = amavis.outcomes()["Blocked"] if amavis else 0
+
+    def settled() -> int:
+        return sink.count() - sink0 + (amavis.outcomes()["Blocked"] - blocked0 if amavis else 0)
+
+    return settled
+
+
+def smtp_sender(port: int, timeout: float) -> Callable[[bytes], int]:
+    def send(raw: bytes) -> int:
+        try:
+            with smtplib.SMTP("127.0.0.1", port, timeout=timeout) as smtp:
+                smtp.sendmail(corpus.SENDER, [corpus.RECIPIENT], raw)
+            return 250
+        except smtplib.SMTPResponseException as e:
+            return e.smtp_code
+        except smtplib.SMTPRecipientsRefused as e:
+            return next(iter(e.recipients.values()))[0]
+        except (OSError, smtplib.SMTPException):
+            return 0  # connection failed or dropped: counted, never silently
+
+    return send
+
+
+def backend_sender(config: Path) -> Callable[[bytes], int]:
+    """clamd then spamd on one message, the order milterd uses (no SpamAssassin run for a virus)."""
+    settings = load_config(config)
+    clamav, spamd = build_checks(settings)  # in that order
+    envelope = Envelope(mail_from=corpus.SENDER, rcpts=(corpus.RECIPIENT,), client_ip="127.0.0.1")
+
+    def send(raw: bytes) -> int:
+        spool = Spool(settings.milter.spool_threshold, settings.milter.spool_dir)
+        spool.write(raw)
+        message = Message(envelope, spool)
+        try:
+            virus = clamav.run(message)
+            if virus.failed:
+                return 451
+            if virus.viruses:
+                return 554
+            return 451 if spamd.run(message).failed else 250
+        finally:
+            spool.close()
+
+    return send
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="one repetition, concurrency 1 and 10")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one repetition, concurrency 1 and 10, fewer messages")
     args = parser.parse_args()
     repetitions, levels = (1, (1, 10)) if args.quick else (3, (1, 10, 50))
+    fast_count = {1: 150, 10: 300, 50: 500} if args.quick else {1: 250, 10: 500, 50: 800}
+    slow_count = {1: 20, 10: 40, 50: 100} if args.quick else {1: 30, 10: 80, 50: 150}
+    mixes = {"real": corpus.real_mix(), "synthetic": corpus.synthetic()}
+    began = time.perf_counter()
+
     work = Path(tempfile.mkdtemp(prefix="milterd-bench-"))
     daemons.make_traversable(work)
-    clamd = daemons.start_clamd(work / "clamd")
-    spamd = daemons.start_spamd(work / "spamd", children=5)
-    milterds = {}
+    noop, milterds = None, {}
     try:
-        for name, checks_on, listen in (
-            ("off-inet", False, "inet"),
-            ("off-unix", False, "unix"),
-            ("full", True, "inet"),
-        ):
-            config = write_config(work / name, clamav=str(clamd.socket_path), spamd=f"127.0.0.1:{spamd.port}")
-            text = config.read_text()
+        clamd = daemons.start_clamd(work / "clamd")
+        spamd = daemons.start_spamd(work / "spamd", children=CHILDREN)
+        sink = Sink(work)
+        for name, checks_on, unix in (("off_inet", False, False), ("off_unix", False, True), ("full", True, False)):
+            config = write_config(
+                work / name, clamav=str(clamd.socket_path), spamd=f"127.0.0.1:{spamd.port}", policy=POLICY
+            )
             if not checks_on:
-                text = text.replace("[clamav]\n", "[clamav]\nenabled = false\n").replace(
-                    "[spamd]\n", "[spamd]\nenabled = false\n"
-                )
-            config.write_text(text)
-            milterds[name] = start_milterd(config, unix=work / f"{name}.sock" if listen == "unix" else None)
-        listeners = {"plain": None} | {name.replace("-", "_"): m.socket for name, m in milterds.items()}
-        postfix = daemons.start_postfix(work / "postfix", listeners)
-        results: dict[tuple[str, int], Result] = {}
+                text = config.read_text().replace("[clamav]\n", "[clamav]\nenabled = false\n")
+                config.write_text(text.replace("[spamd]\n", "[spamd]\nenabled = false\n"))
+            milterds[name] = start_milterd(config, unix=work / f"{name}.sock" if unix else None)
+        noop_port = daemons.free_port()
+        noop = subprocess.Popen([sys.executable, "-m", "bench.noop_milter", f"inet:{noop_port}@127.0.0.1"])
+        daemons.wait_for_port("127.0.0.1", noop_port, 20, noop)
+
+        amavis_front, reinject = daemons.free_port(), daemons.free_port()
+        amavis = start_amavis(
+            work / "amavis",
+            clamd_socket=clamd.socket_path,
+            sa_siteconfig=spamd.siteconfig,
+            forward_port=sink.port,
+            children=CHILDREN,
+        )
+        listeners = {
+            "plain": None,
+            "noop_pymilter": f"inet:127.0.0.1:{noop_port}",
+            **{name: m.socket for name, m in milterds.items()},
+        }
+        postfix = daemons.start_postfix(
+            work / "postfix",
+            listeners,
+            extra_main_cf={
+                "virtual_mailbox_domains": "",
+                "relayhost": f"[127.0.0.1]:{sink.port}",
+                "mynetworks": "127.0.0.0/8",
+                "message_size_limit": str(100 * 1024 * 1024),
+                "default_process_limit": "200",
+            },
+            extra_master_cf=postfix_master_lines(amavis_front, amavis.port, reinject, CHILDREN),
+        )
+        daemons.wait_for_listen(amavis_front, 20, postfix.proc, pid=postfix.pid, logs=[postfix.log])
+        ports = dict(postfix.ports, amavis=amavis_front)
+        sampler = MemorySampler(
+            {
+                **{f"milterd {name}": m.proc.pid for name, m in milterds.items()},
+                "noop_pymilter": noop.pid,
+                "amavis": amavis.pid,
+                "spamd": spamd.pid,
+                "clamd": clamd.pid,
+            }
+        )
+        sampler.start()
+
+        senders = {name: smtp_sender(ports[name], 300) for name in MTA_CONFIGS}
+        senders["backends"] = backend_sender(work / "full" / "milterd.toml")
+        results: dict[tuple[str, str, int], Cell] = {}
         for concurrency in levels:
-            count = {1: 60, 10: 200, 50: 300}[concurrency]
             for _ in range(repetitions):
-                for listener in listeners:
-                    n = count if listener != "full" else max(20, count // 6)
-                    load(postfix, listener, n, concurrency, results.setdefault((listener, concurrency), Result()), 300)
-        print(f"\n{'configuration':<16}" + "".join(f"{'c=' + str(c):>28}" for c in levels))
-        for listener in listeners:
-            cells = []
-            for c in levels:
-                r = results[(listener, c)]
-                ceiling = statistics.median(results[("plain", c)].rates)
-                rate = statistics.median(r.rates)
-                p50, p99 = statistics.median(r.p50), statistics.median(r.p99)
-                cells.append(f"{rate:7.1f}/s {rate / ceiling:4.0%} {p50:5.0f}/{p99:4.0f}ms")
-            print(f"{listener:<16}" + "".join(f"{cell:>28}" for cell in cells))
-        print("\nreply codes:", {k: v.codes for k, v in results.items()})
-        print("milterd peak RSS (MB):", {name: peak_rss_mb(m.proc.pid) for name, m in milterds.items()})
-        postfix.stop()
+                for mix, samples in mixes.items():
+                    for name, send in senders.items():
+                        postfix.wait_queue_empty(300)
+                        settled = (
+                            None if name == "backends" else settled_counter(sink, amavis if name == "amavis" else None)
+                        )
+                        count = (slow_count if name in SLOW else fast_count)[concurrency]
+                        run = run_load(send, samples, count, concurrency, settled, 300)
+                        results.setdefault((mix, name, concurrency), Cell()).runs.append(run)
+                        print(
+                            f"{mix:<9} {name:<13} c={concurrency:<2} {run.rate:7.1f}/s p50 {run.p50:6.1f} ms"
+                            f" p99 {run.p99:6.1f} ms cpu {run.cpu_ms:5.1f} ms/msg {dict(run.codes)}"
+                            + (f" LOST {run.lost}" if run.lost else ""),
+                            flush=True,
+                        )
+        full_pid = milterds["full"].proc.pid
+        rss_after_load = peak_rss_mb(full_pid)
+        large = large_message_run(postfix.ports["full"], full_pid)
+        sampler.stopped.set()
+        sampler.join()
+        report = render(
+            results, levels, repetitions, sampler.peak, rss_after_load, large, time.perf_counter() - began, args.quick
+        )
+        print(report)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / ("bench-quick.md" if args.quick else "bench.md")).write_text(report)
     finally:
+        if noop is not None:
+            noop.kill()
+            noop.wait()
         for m in milterds.values():
             stop_milterd(m)
         daemons.stop_all()
+
+
+def large_message_run(port: int, pid: int) -> dict:
+    """One 50 MB message through milterd with checks on: its peak RSS must not move (the spool is on disk)."""
+    before = peak_rss_mb(pid)
+    t0 = time.perf_counter()
+    code = smtp_sender(port, 600)(corpus.unique(corpus.large_message(50 * 1024 * 1024), "mtok_" + uuid.uuid4().hex))
+    return {"code": code, "seconds": time.perf_counter() - t0, "before": before, "after": peak_rss_mb(pid)}
+
+
+def render(results, levels, repetitions, peak_pss, rss_after_load, large, seconds, quick) -> str:
+    """The Markdown the README carries: one table per mix, then memory, then every target met or missed."""
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    lines = [
+        f"`make {'bench-quick' if quick else 'bench'}`, {datetime.date.today()}, {os.cpu_count()} × {cpu},"
+        f" {platform.system()} {platform.release()}, {repetitions} interleaved repetition(s), medians;"
+        f" took {seconds / 60:.1f} min.",
+        "",
+        "Cells: settled msgs/s (×ratio), SMTP transaction latency p50/p99 ms, whole-machine CPU ms per message.",
+        "Ratios: checks-off and no-op rows against `plain`; `full` against `amavis`; `backends` = their own ceiling.",
+    ]
+    configs = ["plain", "noop_pymilter", "off_inet", "off_unix", "full", "amavis", "backends"]
+    for mix in ("real", "synthetic"):
+        lines += ["", f"**{mix} mix**", "", "| configuration | " + " | ".join(f"c={c}" for c in levels) + " |"]
+        lines.append("|---|" + "---|" * len(levels))
+        for name in configs:
+            cells = []
+            for c in levels:
+                cell = results[(mix, name, c)]
+                rate = cell.median("rate")
+                base = {"full": "amavis"}.get(name, "plain" if name not in SLOW else None)
+                ratio = f" (×{rate / results[(mix, base, c)].median('rate'):.2f})" if base and name != base else ""
+                cells.append(
+                    f"{rate:.1f}{ratio}, {cell.median('p50'):.0f}/{cell.median('p99'):.0f} ms,"
+                    f" {cell.median('cpu_ms'):.1f} ms CPU"
+                )
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    codes = Counter()
+    lost = 0
+    for (_, name, _), cell in results.items():
+        for run in cell.runs:
+            codes.update({f"{name} {code}": n for code, n in run.codes.items()})
+            lost += run.lost
+    lines += [
+        "",
+        "Replies seen: " + ", ".join(f"{k}: {v}" for k, v in sorted(codes.items(), key=str)) + ".",
+        f"Messages lost (sent but neither delivered, refused nor dropped by a filter): {lost}.",
+        "",
+        "Peak PSS (MB): " + ", ".join(f"{name} {mb:.0f}" for name, mb in peak_pss.items()) + ".",
+        f"milterd (full) peak RSS after all loads: {rss_after_load:.0f} MB;"
+        f" a 50 MB message: reply {large['code']} in {large['seconds']:.1f} s,"
+        f" peak RSS {large['before']:.0f} → {large['after']:.0f} MB.",
+    ]
+    lines += ["", "Targets (issue 3):", ""] + [f"- {t}" for t in targets(results, levels, rss_after_load, large)]
+    return "\n".join(lines) + "\n"
+
+
+def targets(results, levels, rss_after_load, large) -> list[str]:
+    def rate(mix, name, c):
+        return results[(mix, name, c)].median("rate")
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    out = []
+    for name in ("off_inet", "off_unix"):
+        ratios = {c: rate("real", name, c) / rate("real", "plain", c) for c in levels}
+        ok = all(r >= 0.9 for r in ratios.values())
+        out.append(
+            f"{verdict(ok)}: checks off ≥ 0.9× Postfix alone ({name}, real mix): "
+            + ", ".join(f"c={c} ×{r:.2f}" for c, r in ratios.items())
+        )
+    for c in (c for c in levels if c >= 10):
+        vs_amavis = rate("real", "full", c) / rate("real", "amavis", c)
+        vs_backends = rate("real", "full", c) / rate("real", "backends", c)
+        out.append(f"{verdict(vs_amavis >= 1.5)}: full ≥ 1.5× amavisd-new, real mix c={c}: ×{vs_amavis:.2f}")
+        out.append(
+            f"{verdict(vs_backends >= 0.9)}: full ≥ 0.9× the backends' ceiling, real mix c={c}: ×{vs_backends:.2f}"
+        )
+    p99 = results[("real", "full", 10)].median("p99")
+    out.append(f"{verdict(p99 < 1100)}: full p99 at c=10 below the C milters' 1.1 s: {p99:.0f} ms")
+    if 50 in levels:
+        out.append(f"{verdict(rss_after_load <= 80)}: milterd RSS ≤ 80 MB at 50 sessions: {rss_after_load:.0f} MB")
+    growth = large["after"] - large["before"]
+    out.append(f"{verdict(growth < 5)}: RSS flat for a 50 MB message: +{growth:.1f} MB")
+    return out
 
 
 if __name__ == "__main__":
