@@ -1,0 +1,553 @@
+"""Walk a message down to every leaf: MIME parts, attached messages, uuencoded blocks, TNEF, archives.
+
+The banned-file check needs what amavis' decoders give it: for every file inside the message, its
+declared and real (libmagic) type and its names from the root down. clamd unpacks for itself; this
+walk only names and types things, so it reads each member as a stream and keeps a member's bytes
+only when the member is a container to open in turn. The limits are amavis': too deep leaves that
+container closed, too many files, too many expanded bytes or too long ends the walk; either way
+with a reason in `unchecked`, never with an exception.
+"""
+
+from __future__ import annotations
+
+import binascii
+import ctypes
+import io
+import quopri
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from email.feedparser import BytesFeedParser
+from email.header import decode_header, make_header
+from email.message import Message as EmailPart
+from email.policy import compat32
+from typing import BinaryIO
+
+import magic
+import tnefparse
+from libarchive import ffi
+from libarchive.exception import ArchiveError
+from libarchive.read import ArchiveRead
+
+HEAD = 64 * 1024  # what libmagic sees of each file: enough for ISO 9660's signature at 32 KiB
+BLOCK = 64 * 1024
+
+# Real types libarchive unpacks (ARJ is listed although libarchive cannot read it, so that an ARJ
+# attachment is reported unchecked instead of passing as an opaque file).
+ARCHIVES = frozenset(
+    {
+        "application/zip",
+        "application/x-zip-compressed",
+        "application/java-archive",
+        "application/epub+zip",
+        "application/vnd.android.package-archive",
+        "application/x-7z-compressed",
+        "application/x-rar",
+        "application/vnd.rar",
+        "application/x-rar-compressed",
+        "application/x-tar",
+        "application/x-gtar",
+        "application/x-ustar",
+        "application/x-cpio",
+        "application/x-iso9660-image",
+        "application/x-lha",
+        "application/x-lzh-compressed",
+        "application/vnd.ms-cab-compressed",
+        "application/x-xar",
+        "application/x-archive",
+        "application/vnd.debian.binary-package",
+        "application/x-rpm",
+        "application/x-arj",
+        "application/warc",
+    }
+)
+# Office documents that are zip files (docx, xlsm, odt ...): amavis unpacks them too.
+ZIP_DOCUMENTS = (
+    "application/vnd.openxmlformats-officedocument.",
+    "application/vnd.oasis.opendocument.",
+    "application/vnd.ms-excel.",
+    "application/vnd.ms-word.",
+    "application/vnd.ms-powerpoint.",
+)
+# Single compressed streams: a tar inside is an archive, anything else one member (libarchive's "raw").
+COMPRESSED = frozenset(
+    {
+        "application/gzip",
+        "application/x-gzip",
+        "application/x-bzip2",
+        "application/x-xz",
+        "application/x-lzma",
+        "application/zstd",
+        "application/x-zstd",
+        "application/x-lzip",
+        "application/x-lz4",
+        "application/x-compress",
+    }
+)
+# Executables may be self-extracting archives, and libmagic's "data" may be an archive behind a prefix
+# (libarchive finds a zip by its central directory at the end): when libarchive finds none, plain files.
+MAYBE_ARCHIVES = frozenset(
+    {"application/vnd.microsoft.portable-executable", "application/x-dosexec", "application/octet-stream"}
+)
+# Containers amavis opens and nothing here can: reported unchecked rather than passed as opaque files.
+UNREADABLE = {"application/mac-binhex40": "no BinHex decoder (Python 3.11 dropped binhex)"}
+TNEF = frozenset({"application/vnd.ms-tnef", "application/ms-tnef"})
+MAIL = "message/rfc822"
+# Not "all": mtree makes members out of a text list of file names, raw takes anything (added for COMPRESSED).
+FORMATS = ("7zip", "ar", "cab", "cpio", "iso9660", "lha", "rar", "rar5", "tar", "warc", "xar", "zip")
+# Only decompressors built into libarchive: the others run external programs on hostile input.
+FILTERS = ("gzip", "bzip2", "xz", "lzma", "lzip", "zstd", "lz4", "compress", "rpm")
+COMPRESSION_SUFFIXES = frozenset({"gz", "bz2", "xz", "lzma", "zst", "z", "lz", "lz4"})
+NAME_HEADERS = ("content-type", "content-disposition")
+_CLEAN_BASE64 = re.compile(r"[A-Za-z0-9+/\r\n]*={0,2}[\r\n]*")  # no defect for the email package to report
+_UU_BEGIN = re.compile(rb"^begin [0-7]{3,4} ([^\r\n]*)\r?\n", re.MULTILINE)
+
+ffi.ffi("entry_is_encrypted", [ffi.c_archive_entry_p], ctypes.c_int)  # not wrapped by libarchive-c 5
+
+
+@dataclass(frozen=True)
+class Limits:
+    """amavis' decoding limits, with Debian's defaults."""
+
+    max_levels: int = 14  # $MAXLEVELS: nesting depth (MIME message/rfc822 nesting + archive levels)
+    max_files: int = 1500  # $MAXFILES: parts + archive members in total
+    min_expansion_quota: int = 100 * 1024
+    max_expansion_quota: int = 300 * 1024 * 1024
+    min_expansion_factor: int = 5
+    max_expansion_factor: int = 500  # quota = max(min_quota, size*min_factor, min(max_quota, size*max_factor))
+    timeout: float = 30.0  # seconds for the whole walk
+
+
+@dataclass(frozen=True)
+class Part:
+    path: str  # names from the root down joined by "/", "part1.2" for a MIME node without a name; raw
+    name: str  # this node's file name, decoded; "" if none
+    declared_type: str  # lower-case Content-Type of a MIME part; "" for archive members
+    real_type: str  # libmagic MIME type of the decoded content; "" when it could not be read
+    description: str  # libmagic's text description
+    in_archive: bool  # False for a MIME leaf, True for a member of an archive, TNEF or uuencoded block
+    depth: int  # 1 for the top message's leaves, one more per attached message or container
+    size: int  # decoded bytes
+
+
+@dataclass(frozen=True)
+class Inspection:
+    parts: tuple[Part, ...]  # every leaf MIME part and every archive member (archives too)
+    unchecked: tuple[str, ...]  # why something was not inspected
+    mime_defects: tuple[str, ...]  # "<path>: <email package defect>"
+
+
+class _Stop(Exception):
+    """A limit for the whole walk (files, quota, time) was reached: the walk ends here."""
+
+
+class _TooDeep(Exception):
+    """max_levels reached: the container being opened is left unopened, the walk goes on."""
+
+
+def inspect(message, limits: Limits = Limits()) -> Inspection:
+    """Every file in `message` (a milterd.message.Message) with its types; never raises."""
+    walk = _Walk(limits, message.size)
+    try:
+        with message.open() as stream:
+            root = walk.parse(stream, "message")
+        walk.message(root, "", 1)
+    except _Stop as stop:
+        walk.unchecked.append(str(stop))
+    except RecursionError:  # the email package recurses once per nested multipart
+        walk.unchecked.append("message: cannot parse: MIME nesting too deep")
+    except Exception as exc:  # a hostile message must not take the filter down
+        walk.unchecked.append(f"message: cannot inspect: {_reason(exc)}")
+    return Inspection(tuple(walk.parts), tuple(walk.unchecked), tuple(walk.defects))
+
+
+class _Walk:
+    """The state of one walk: what was found, and what is left of each limit."""
+
+    def __init__(self, limits: Limits, size: int):
+        self.limits = limits
+        self.quota = max(
+            limits.min_expansion_quota,
+            size * limits.min_expansion_factor,
+            min(limits.max_expansion_quota, size * limits.max_expansion_factor),
+        )
+        self.expanded = 0
+        self.deadline = time.monotonic() + limits.timeout
+        self.parts: list[Part] = []
+        self.unchecked: list[str] = []
+        self.defects: list[str] = []
+
+    # limits
+
+    def tick(self, where: str) -> None:
+        if time.monotonic() > self.deadline:
+            raise _Stop(f"timeout {self.limits.timeout:g} s exceeded at {where}")
+
+    def spend(self, size: int, where: str) -> None:
+        self.expanded += size
+        if self.expanded > self.quota:
+            raise _Stop(f"max_expansion_quota {self.quota} bytes exceeded at {where}")
+
+    def descend(self, path: str, depth: int) -> None:
+        """Before anything at `depth`: is there time and depth left?"""
+        self.tick(path)
+        if depth > self.limits.max_levels:
+            raise _TooDeep(f"max_levels {self.limits.max_levels} exceeded at {path}")
+
+    def admit(self, path: str, depth: int) -> None:
+        """Before a new file: is there time, depth and room left for it?"""
+        self.descend(path, depth)
+        if len(self.parts) >= self.limits.max_files:
+            raise _Stop(f"max_files {self.limits.max_files} exceeded at {path}")
+
+    @contextmanager
+    def guard(self, path: str, failure: str) -> Iterator[None]:
+        """A node that fails becomes a reason in `unchecked`; the walk goes on with the next one."""
+        try:
+            yield
+        except _Stop:
+            raise
+        except _TooDeep as deep:
+            self.unchecked.append(str(deep))
+        except RecursionError:
+            self.unchecked.append(f"{path}: {failure}: nesting too deep")
+        except Exception as exc:  # unpackers fail in every way on hostile input
+            self.unchecked.append(_failure(path, failure, _reason(exc)))
+
+    def record(self, path, name, declared, depth, in_archive, size, types: tuple[str, str] = ("", "")) -> Part:
+        """A file found; without `types` its content could not be read, and the caller says why."""
+        part = Part(path, name, declared, *types, in_archive, depth, size)
+        self.parts.append(part)
+        return part
+
+    # MIME
+
+    def parse(self, stream: BinaryIO, where: str) -> EmailPart:
+        """compat32, the most lenient policy: problems become defects, not exceptions."""
+        parser = BytesFeedParser(policy=compat32)
+        while chunk := stream.read(BLOCK):
+            self.tick(where)
+            parser.feed(chunk)
+        return parser.close()
+
+    def message(self, root: EmailPart, prefix: str, depth: int) -> None:
+        """One message's tree, depth first; positions as IMAP numbers them (part1.2)."""
+        stack = [(root, "")]
+        while stack:
+            node, position = stack.pop()
+            if node.is_multipart() and node.get_content_maintype() != "message":
+                label = _join(prefix, f"part{position}") if position else prefix or "message"
+                self.tick(label)
+                self._defects(node, label)
+                children = [child for child in node.get_payload() if isinstance(child, EmailPart)]
+                numbered = [(child, f"{position}.{n}" if position else str(n)) for n, child in enumerate(children, 1)]
+                stack.extend(reversed(numbered))
+                continue
+            name = _filename(node)
+            path = _join(prefix, name or f"part{position or 1}")
+            with self.guard(path, "cannot decode"):
+                if node.is_multipart() and not _encoded(node):  # an attached message: one level down
+                    self._defects(node, path)
+                    self.descend(path, depth + 1)
+                    for sub in node.get_payload():
+                        if isinstance(sub, EmailPart):
+                            self.message(sub, path, depth + 1)
+                else:
+                    self._leaf(node, path, name, depth)
+
+    def _leaf(self, node: EmailPart, path: str, name: str, depth: int) -> None:
+        self.admit(path, depth)
+        data = _decoded(node)
+        self._defects(node, path)
+        self.spend(len(data), path)
+        declared = node.get_content_type()
+        part = self.record(path, name, declared, depth, False, len(data), _identify(data))
+        tnef = declared in TNEF or name.lower() == "winmail.dat"
+        self.contents(part, data, tnef)
+
+    def _defects(self, node: EmailPart, label: str) -> None:
+        self.defects.extend(f"{label}: {type(defect).__name__}" for defect in node.defects)
+
+    # containers
+
+    def contents(self, part: Part, source: bytes | BinaryIO, tnef: bool = False) -> None:
+        """Open `part` by its real type; its files come one level down."""
+        with self.guard(part.path, "cannot unpack"):
+            real = part.real_type
+            if tnef or real in TNEF:
+                self._tnef(part, source if isinstance(source, bytes) else source.read())
+            elif real == MAIL:
+                self.descend(part.path, part.depth + 1)
+                stream = io.BytesIO(source) if isinstance(source, bytes) else source  # BytesIO shares bytes
+                self.message(self.parse(stream, part.path), part.path, part.depth + 1)
+            elif real in ARCHIVES or real in COMPRESSED or real.startswith(ZIP_DOCUMENTS):
+                self._archive(part, source, raw=real in COMPRESSED)
+            elif real in UNREADABLE:
+                self.unchecked.append(f"{part.path}: cannot unpack: {UNREADABLE[real]}")
+            elif real in MAYBE_ARCHIVES:
+                self._archive(part, source, raw=False, optional=True)
+            elif real.startswith("text/") and isinstance(source, bytes) and b"begin " in source:
+                self._uuencoded(part, source)
+
+    def _archive(self, part: Part, source: bytes | BinaryIO, raw: bool, optional: bool = False) -> None:
+        """Every regular file in the archive, read as a stream; `optional`: not being one is fine."""
+        with _reader(raw) as archive:
+            try:
+                _open(archive, source)
+                entries = iter(ArchiveRead(archive))
+                entry = next(entries, None)
+            except ArchiveError as exc:
+                if optional and not _encrypted(_reason(exc)):
+                    return
+                raise
+            single = ffi.format_name(archive) == b"raw"
+            if entry is not None and single and ffi.filter_count(archive) <= 1:
+                raise ValueError(f"not {part.real_type} data")  # raw without a decompressor: the input itself
+            buffer = ctypes.create_string_buffer(BLOCK)
+            n = 0
+            while entry is not None:
+                if entry.isfile:
+                    n += 1
+                    name = _decompressed_name(part.name) if single else _text(entry.pathname)
+                    self._member(archive, buffer, entry, part, name, n)
+                entry = next(entries, None)
+
+    def _member(self, archive, buffer, entry, parent: Part, name: str, n: int) -> None:
+        path = _join(parent.path, name or ("data" if n == 1 else f"member{n}"))
+        depth = parent.depth + 1
+        self.admit(path, depth)
+        if ffi.entry_is_encrypted(entry._entry_p):  # libarchive-c has no property for it
+            self.record(path, name, "", depth, True, entry.size or 0)
+            self.unchecked.append(f"encrypted: {path}")
+            return
+        with _Content() as content:
+            try:
+                while (size := ffi.read_data(archive, buffer, BLOCK)) > 0:
+                    self.tick(path)
+                    self.spend(size, path)
+                    content.add(buffer, size)
+            except ArchiveError as exc:  # this member only: the next one may still read
+                failure = _reason(exc)
+            else:  # ARCHIVE_WARN ends the data early: bad CRC, wrong size
+                failure = _text(ffi.error_string(archive)) or "truncated" if size < 0 else ""
+            if failure:
+                self.record(path, name, "", depth, True, content.size)
+                self.unchecked.append(_failure(path, "cannot unpack", failure))
+                return
+            part = self.record(path, name, "", depth, True, content.size, content.types())
+            if source := content.source():
+                self.contents(part, source)
+
+    def _tnef(self, part: Part, data: bytes) -> None:
+        """winmail.dat: Outlook's attachments inside the attachment."""
+        tnef = tnefparse.TNEF(data, do_checksum=False)
+        for n, attachment in enumerate(tnef.attachments, 1):
+            name = _text(attachment.long_filename() or attachment.name)
+            self._file(_join(part.path, name or f"member{n}"), name, part.depth + 1, attachment.data)
+
+    def _uuencoded(self, part: Part, text: bytes) -> None:
+        """`begin 644 name` blocks in a text part, as amavis (MIME-tools) extracts them."""
+        begins = list(_UU_BEGIN.finditer(text))
+        for n, begin in enumerate(begins, 1):
+            stop = begins[n].start() if n < len(begins) else len(text)
+            name = _text(begin.group(1).strip())
+            data = _uudecode(text[begin.end() : stop])
+            self._file(_join(part.path, name or f"member{n}"), name, part.depth + 1, data)
+
+    def _file(self, path: str, name: str, depth: int, data: bytes) -> None:
+        """A member whose bytes are already in memory (TNEF, uuencoded)."""
+        self.admit(path, depth)
+        self.spend(len(data), path)
+        part = self.record(path, name, "", depth, True, len(data), _identify(data))
+        self.contents(part, data)
+
+
+class _Content:
+    """One member's bytes as they stream out of libarchive: the head for libmagic, and all of it
+    (in a temp file past the head) only when the member is a container to open in turn."""
+
+    def __init__(self):
+        self._head = b""
+        self.size = 0
+        self._types: tuple[str, str] | None = None
+        self._spill: BinaryIO | None = None
+
+    def add(self, buffer, size: int) -> None:
+        self.size += size
+        if self._spill is not None:
+            self._spill.write(ctypes.string_at(buffer, size))
+        elif self._types is None:
+            self._head += ctypes.string_at(buffer, size)
+            if len(self._head) >= HEAD and _container(self.types()[0]):
+                self._spill = tempfile.TemporaryFile(prefix="milterd-")
+                self._spill.write(self._head)
+        # else: typed, not a container: only counted
+
+    def types(self) -> tuple[str, str]:
+        if self._types is None:
+            self._types = _identify(self._head)
+        return self._types
+
+    def source(self) -> bytes | BinaryIO | None:
+        """The whole member, when it is a container."""
+        if self._spill is not None:
+            self._spill.seek(0)
+            return self._spill
+        return self._head if _container(self.types()[0]) else None
+
+    def __enter__(self) -> _Content:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._spill is not None:
+            self._spill.close()
+
+
+@contextmanager
+def _reader(raw: bool) -> Iterator[int]:
+    """A libarchive read handle for our formats and filters; `raw` adds the format for non-tar compressed data."""
+    archive = ffi.read_new()
+    try:
+        for name in FILTERS:
+            ffi.get_read_filter_function(name)(archive)
+        for name in FORMATS + ("raw",) if raw else FORMATS:
+            ffi.get_read_format_function(name)(archive)
+        yield archive
+    finally:
+        ffi.read_free(archive)
+
+
+def _open(archive: int, source: bytes | BinaryIO) -> None:
+    if isinstance(source, bytes):
+        ffi.read_open_memory(archive, source, len(source))
+    else:
+        source.flush()
+        ffi.read_open_fd(archive, source.fileno(), BLOCK)
+
+
+def _identify(data: bytes) -> tuple[str, str]:
+    """libmagic's MIME type and description, from the head as file(1) reads it."""
+    head = data[:HEAD]
+    return magic.from_buffer(head, mime=True), magic.from_buffer(head)
+
+
+def _container(real: str) -> bool:
+    return (
+        real in ARCHIVES
+        or real in COMPRESSED
+        or real in MAYBE_ARCHIVES
+        or real in TNEF
+        or real == MAIL
+        or real in UNREADABLE
+        or real.startswith(ZIP_DOCUMENTS)
+    )
+
+
+def _decoded(node: EmailPart) -> bytes:
+    """The body with its transfer encoding undone; an encoded message/rfc822, which the parser split
+    into a message of encoded lines anyway, is joined back and decoded (mail clients show it)."""
+    if not node.is_multipart():
+        payload = node.get_payload()
+        if _encoded(node) == "base64" and isinstance(payload, str) and _CLEAN_BASE64.fullmatch(payload):
+            if (len(payload) - payload.count("\n") - payload.count("\r")) % 4 == 0:
+                # What the email package would return, without its three copies of the payload in between
+                return binascii.a2b_base64(payload)
+        return node.get_payload(decode=True) or b""
+    encoded = b"".join(sub.as_bytes() for sub in node.get_payload()).lstrip(b"\r\n")
+    if _encoded(node) == "quoted-printable":
+        return quopri.decodestring(encoded)
+    return binascii.a2b_base64(encoded)
+
+
+def _encoded(node: EmailPart) -> str:
+    cte = str(node.get("content-transfer-encoding", "")).strip().lower()
+    return cte if cte in ("base64", "quoted-printable") else ""
+
+
+def _uudecode(block: bytes) -> bytes:
+    """The lines after `begin` up to the empty line, `end` or the first line that is not uuencoded (a
+    truncated mail has no `end`); like uudecode(1), a line with stray characters past its length decodes."""
+    out = bytearray()
+    for line in block.splitlines():
+        line = line.rstrip(b"\r")
+        if not line.strip(b" `"):
+            break
+        try:
+            out += binascii.a2b_uu(line)
+        except binascii.Error:
+            try:
+                out += binascii.a2b_uu(line[: (((line[0] - 32) & 63) * 4 + 5) // 3])
+            except binascii.Error:
+                break
+    return bytes(out)
+
+
+def _filename(node: EmailPart) -> str:
+    """Content-Disposition filename or Content-Type name: RFC 2231 (by the email package), then RFC 2047."""
+    try:
+        headers = [(key, value) for key, value in node.raw_items() if key.lower() in NAME_HEADERS]
+        if any(_unescape(value) != value for _, value in headers):
+            # Raw UTF-8 in a header: compat32 would hand the name over as U+FFFDs; parse a copy read as UTF-8.
+            node = EmailPart(policy=compat32)
+            for key, value in headers:
+                node[key] = _unescape(value)
+        name = str(node.get_filename() or "")
+    except Exception:  # a parameter the email package cannot collapse: no usable name
+        return ""
+    if "=?" not in name:
+        return name
+    try:
+        chunks = decode_header(name)
+    except Exception:  # a broken encoded word stays as written
+        return name
+    try:
+        return str(make_header(chunks))
+    except (LookupError, UnicodeError):  # unknown charset or bytes that are not in it
+        return "".join(_text(chunk, charset) for chunk, charset in chunks)
+
+
+def _unescape(value: str) -> str:
+    """The parser keeps raw 8-bit header bytes as surrogate escapes: read them as UTF-8."""
+    if not any("\udc80" <= ch <= "\udcff" for ch in value):
+        return value
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _text(value: str | bytes | None, charset: str | None = None) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    try:
+        return value.decode(charset or "utf-8", "replace")
+    except LookupError:
+        return value.decode("latin-1")
+
+
+def _join(prefix: str, segment: str) -> str:
+    return f"{prefix}/{segment}" if prefix else segment
+
+
+def _decompressed_name(name: str) -> str:
+    """What gunzip would call the file: the name without its compression suffix, "" if it has none."""
+    stem, dot, suffix = name.rpartition(".")
+    return stem if dot and suffix.lower() in COMPRESSION_SUFFIXES else ""
+
+
+def _failure(path: str, failure: str, reason: str) -> str:
+    return f"encrypted: {path}" if _encrypted(reason) else f"{path}: {failure}: {reason}"
+
+
+def _encrypted(reason: str) -> bool:
+    """libarchive's words for it: "Passphrase required", "Encrypted file is unsupported", ..."""
+    return "encrypt" in reason.lower() or "passphrase" in reason.lower()
+
+
+def _reason(exc: Exception) -> str:
+    """A one-line reason: libarchive's message without its errno/pointer decoration."""
+    message = exc.msg if isinstance(exc, ArchiveError) else str(exc)
+    message = _text(message) or type(exc).__name__
+    return " ".join(message.split())[:200]
