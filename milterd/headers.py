@@ -44,11 +44,10 @@ _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")
 _NEXT_FIELD = re.compile(rb"\n(?![ \t])")  # a line end not followed by a continuation line
 _EMPTY = re.compile(rb"\n[ \t]+(?:\n|\Z)")
 _CONTROL = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")  # C0 but TAB and LF, and DEL; CRLF is LF by now
-_EIGHT_BIT = re.compile(rb"[\x80-\xff]")
 _C1 = re.compile(rb"\xc2[\x80-\x9f]")  # U+0080..U+009F, which RFC 5198 bars from Net-Unicode
 
 
-def bad_headers(header_section: bytes, *, smtputf8: bool = False) -> list[str]:
+def bad_headers(header_section: bytes) -> list[str]:
     """Problems in a message's header section (the bytes before the first empty line, CRLF or LF line ends),
     as amavis' %allowed_header_tests finds them, each naming the header field. Empty list = clean.
 
@@ -56,8 +55,9 @@ def bad_headers(header_section: bytes, *, smtputf8: bool = False) -> list[str]:
     MAX_PROBLEMS in all, so the result stays small whatever the input. amavis' choices are kept: a line that is
     neither `name:` nor a continuation is a syntax problem and its continuations are not examined further; a
     continuation before any field is one too. Unlike amavis, every test runs on every valid field (amavis stops at
-    the first), `control` covers all of C0 but TAB (amavis: NUL and CR only), and without SMTPUTF8 any 8-bit byte
-    is a problem, valid UTF-8 or not (amavis before 2.10, or its `utf8` test, off by default since). Never raises.
+    the first), `control` covers all of C0 but TAB (amavis: NUL and CR only). Raw UTF-8 is accepted with or without
+    SMTPUTF8, as amavis does since 2.10 (its `utf8` test is off by default: such mail is common); invalid
+    UTF-8 and C1 controls are problems. Never raises.
     """
     text = header_section.replace(b"\r\n", b"\n")  # a CR left is a bare CR
     head = b"" if text.startswith(b"\n") else text.partition(b"\n\n")[0].removesuffix(b"\n")
@@ -79,7 +79,7 @@ def bad_headers(header_section: bytes, *, smtputf8: bool = False) -> list[str]:
         if lower in _COUNTED:
             counts[lower] = counts.get(lower, 0) + 1
         if suspect or len(field) > MAX_LINE:
-            for test, problem in _field_problems(field, smtputf8):
+            for test, problem in _field_problems(field):
                 if (test, lower) not in problems:
                     problems[test, lower] = f"{problem} in message header '{_quote(name)}'"
 
@@ -96,7 +96,7 @@ def bad_headers(header_section: bytes, *, smtputf8: bool = False) -> list[str]:
     return list(problems.values())[:MAX_PROBLEMS]
 
 
-def _field_problems(field: bytes, smtputf8: bool) -> Iterator[tuple[str, str]]:
+def _field_problems(field: bytes) -> Iterator[tuple[str, str]]:
     """(test, problem) for one valid field: its lines joined by LF, without the last line end."""
     if _EMPTY.search(field):
         yield "empty", "Improper folded header field made up entirely of whitespace"
@@ -106,19 +106,17 @@ def _field_problems(field: bytes, smtputf8: bool) -> Iterator[tuple[str, str]]:
     if control:
         yield "control", f"Improper use of control character (char {control[0][0]:02X} hex)"
     if not field.isascii():
-        problem = _eight_bit(field, smtputf8)
+        problem = _eight_bit(field)
         if problem:
             yield "8bit", problem
 
 
-def _eight_bit(field: bytes, smtputf8: bool) -> str | None:
-    """RFC 6532 allows UTF-8 in a header only when the mail came with SMTPUTF8, and never C1 controls."""
-    if not smtputf8:
-        return f"Non-encoded 8-bit data (char {_EIGHT_BIT.search(field)[0][0]:02X} hex)"
+def _eight_bit(field: bytes) -> str | None:
+    """8-bit data that is not UTF-8 (a charset we cannot know), or UTF-8 carrying C1 controls."""
     try:
         field.decode("utf-8")
     except UnicodeDecodeError as error:
-        return f"Non-encoded non-ASCII data (and not UTF-8) (char {field[error.start]:02X} hex)"
+        return f"Non-encoded 8-bit data (char {field[error.start]:02X} hex)"
     c1 = _C1.search(field)
     return f"UTF-8 string contains C1 Controls (char C2 {c1[0][1]:02X} hex)" if c1 else None
 
