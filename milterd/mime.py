@@ -16,6 +16,7 @@ import io
 import quopri
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -127,7 +128,6 @@ class Part:
     name: str  # this node's file name, decoded; "" if none
     declared_type: str  # lower-case Content-Type of a MIME part; "" for archive members
     real_type: str  # libmagic MIME type of the decoded content; "" when it could not be read
-    description: str  # libmagic's text description
     in_archive: bool  # False for a MIME leaf, True for a member of an archive, TNEF or uuencoded block
     depth: int  # 1 for the top message's leaves, one more per attached message or container
     size: int  # decoded bytes
@@ -217,9 +217,9 @@ class _Walk:
         except Exception as exc:  # unpackers fail in every way on hostile input
             self.unchecked.append(_failure(path, failure, _reason(exc)))
 
-    def record(self, path, name, declared, depth, in_archive, size, types: tuple[str, str] = ("", "")) -> Part:
-        """A file found; without `types` its content could not be read, and the caller says why."""
-        part = Part(path, name, declared, *types, in_archive, depth, size)
+    def record(self, path, name, declared, depth, in_archive, size, real_type: str = "") -> Part:
+        """A file found; without `real_type` its content could not be read, and the caller says why."""
+        part = Part(path, name, declared, real_type, in_archive, depth, size)
         self.parts.append(part)
         return part
 
@@ -337,7 +337,7 @@ class _Walk:
                 self.record(path, name, "", depth, True, content.size)
                 self.unchecked.append(_failure(path, "cannot unpack", failure))
                 return
-            part = self.record(path, name, "", depth, True, content.size, content.types())
+            part = self.record(path, name, "", depth, True, content.size, content.type())
             if source := content.source():
                 self.contents(part, source)
 
@@ -372,31 +372,31 @@ class _Content:
     def __init__(self):
         self._head = b""
         self.size = 0
-        self._types: tuple[str, str] | None = None
+        self._type: str | None = None
         self._spill: BinaryIO | None = None
 
     def add(self, buffer, size: int) -> None:
         self.size += size
         if self._spill is not None:
             self._spill.write(ctypes.string_at(buffer, size))
-        elif self._types is None:
+        elif self._type is None:
             self._head += ctypes.string_at(buffer, size)
-            if len(self._head) >= HEAD and _container(self.types()[0]):
+            if len(self._head) >= HEAD and _container(self.type()):
                 self._spill = tempfile.TemporaryFile(prefix="milterd-")
                 self._spill.write(self._head)
         # else: typed, not a container: only counted
 
-    def types(self) -> tuple[str, str]:
-        if self._types is None:
-            self._types = _identify(self._head)
-        return self._types
+    def type(self) -> str:
+        if self._type is None:
+            self._type = _identify(self._head)
+        return self._type
 
     def source(self) -> bytes | BinaryIO | None:
         """The whole member, when it is a container."""
         if self._spill is not None:
             self._spill.seek(0)
             return self._spill
-        return self._head if _container(self.types()[0]) else None
+        return self._head if _container(self.type()) else None
 
     def __enter__(self) -> _Content:
         return self
@@ -428,10 +428,19 @@ def _open(archive: int, source: bytes | BinaryIO) -> None:
         ffi.read_open_fd(archive, source.fileno(), BLOCK)
 
 
-def _identify(data: bytes) -> tuple[str, str]:
-    """libmagic's MIME type and description, from the head as file(1) reads it."""
-    head = data[:HEAD]
-    return magic.from_buffer(head, mime=True), magic.from_buffer(head)
+def _identify(data: bytes) -> str:
+    """libmagic's MIME type of the head, as file(1) reads it.
+
+    One libmagic handle per thread: python-magic's shared handle is behind a lock, and checks of
+    concurrent messages queued on it (make bench: a third of milterd's CPU time was that wait).
+    """
+    handle = getattr(_magic, "handle", None)
+    if handle is None:
+        handle = _magic.handle = magic.Magic(mime=True)
+    return handle.from_buffer(data[:HEAD])
+
+
+_magic = threading.local()
 
 
 def _container(real: str) -> bool:
