@@ -11,6 +11,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .mime import Limits
 from .rules import Rules, load_rules
 from .tomlschema import POSITIVE, ConfigError, build, read_toml
 
@@ -52,15 +53,37 @@ class SpamdSettings:
 
 
 @dataclass(frozen=True)
+class BannedSettings(Limits):
+    """The banned-file check; the MIME walker's unpacking limits are amavis' ($MAXLEVELS, $MAXFILES, ...)."""
+
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class HeadersSettings:
+    """amavis' bad-header tests (8-bit, control characters, long lines, syntax, missing, duplicates, MIME)."""
+
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     rules: Rules
     milter: MilterSettings = field(default_factory=MilterSettings)
     clamav: ClamavSettings = field(default_factory=ClamavSettings)
     spamd: SpamdSettings = field(default_factory=SpamdSettings)
+    banned: BannedSettings = field(default_factory=BannedSettings)
+    headers: HeadersSettings = field(default_factory=HeadersSettings)
 
 
-_SECTIONS = {"milter": MilterSettings, "clamav": ClamavSettings, "spamd": SpamdSettings}
+_SECTIONS = {
+    "milter": MilterSettings,
+    "clamav": ClamavSettings,
+    "spamd": SpamdSettings,
+    "banned": BannedSettings,
+    "headers": HeadersSettings,
+}
 
 
 def load_config(path: Path | None = None) -> Config:

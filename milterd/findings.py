@@ -26,6 +26,8 @@ class Finding:
     viruses: tuple[str, ...] = ()
     spam_score: float | None = None
     spam_tests: tuple[tuple[str, float], ...] = ()
+    banned: tuple[tuple[str, str], ...] = ()  # (part path, rule name), both sanitised
+    bad_headers: tuple[str, ...] = ()  # problems, each naming the header field, sanitised
 
     @property
     def failed(self) -> bool:
@@ -42,4 +44,8 @@ class Finding:
         if self.spam_score is not None:
             out["score"] = self.spam_score
             out["tests"] = {name: score for name, score in self.spam_tests}
+        if self.banned:
+            out["banned"] = [{"part": part, "rule": rule} for part, rule in self.banned]
+        if self.bad_headers:
+            out["bad_headers"] = list(self.bad_headers)
         return out

@@ -9,8 +9,12 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from dataclasses import dataclass
-from typing import BinaryIO
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    from .mime import Inspection, Limits
 
 CHUNK = 64 * 1024
 
@@ -106,10 +110,15 @@ class _PReader(io.RawIOBase):
 
 @dataclass
 class Message:
-    """What the pipeline scans: the envelope and the spooled raw message."""
+    """What the pipeline scans: the envelope and the spooled raw message.
+
+    The MIME walk is done once, by whichever check asks first; the others wait for it and share it.
+    """
 
     envelope: Envelope
     spool: Spool
+    _inspection: Inspection | None = field(default=None, init=False, repr=False)
+    _inspecting: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def size(self) -> int:
@@ -117,6 +126,14 @@ class Message:
 
     def open(self) -> BinaryIO:
         return self.spool.reader()
+
+    def inspect(self, limits: Limits) -> Inspection:
+        from .mime import inspect  # mime reads Messages: imported here, not at the top, to avoid a cycle
+
+        with self._inspecting:
+            if self._inspection is None:
+                self._inspection = inspect(self, limits)
+            return self._inspection
 
     def close(self) -> None:
         self.spool.close()

@@ -113,6 +113,8 @@ def format_score(value: float) -> str:
 def decide(findings: Mapping[str, Finding], policy: Policy, *, sender: str, hostname: str) -> Verdict:
     """The amavis walk: categories high to low, the first whose destiny is not PASS blocks."""
     viruses = tuple(v for f in findings.values() for v in f.viruses)
+    banned = tuple(part for f in findings.values() for part, _ in f.banned)
+    bad_headers = tuple(problem for f in findings.values() for problem in f.bad_headers)
     failed = [f for f in findings.values() if f.critical and f.failed]
     uninspected = failed + [f for f in findings.values() if f.critical and f.status == "unchecked"]
     scores = [f.spam_score for f in findings.values() if f.spam_score is not None]
@@ -121,8 +123,12 @@ def decide(findings: Mapping[str, Finding], policy: Policy, *, sender: str, host
     categories = {Category.CLEAN}
     if viruses:
         categories.add(Category.VIRUS)
+    if banned:
+        categories.add(Category.BANNED)
     if uninspected:
         categories.add(Category.UNCHECKED)
+    if bad_headers:
+        categories.add(Category.BAD_HEADER)
     if score is not None and score >= policy.kill_level:
         categories.add(Category.SPAM)
     if score is not None and score >= policy.tag2_level:
@@ -132,6 +138,13 @@ def decide(findings: Mapping[str, Finding], policy: Policy, *, sender: str, host
     unchecked_why = ", ".join(
         f"{f.name} {f.status}" + (f" ({f.detail})" if f.status == "unchecked" else "") for f in uninspected
     )
+    # amavis' X-Amavis-Alert texts; the same facts make the reject reason
+    alerts = {
+        Category.VIRUS: f"INFECTED, message contains virus: {', '.join(viruses)}",
+        Category.BANNED: f"BANNED, message contains {', '.join(banned)}",
+        Category.UNCHECKED: f"UNCHECKED, {unchecked_why}",
+        Category.BAD_HEADER: f"BAD HEADER SECTION, {'; '.join(bad_headers)}",
+    }
     for category in ordered:
         if category is Category.UNCHECKED and failed and policy.scanner_failure == "tempfail":
             reply = Reply("451", "4.7.1", printable(f"Try again later: {unchecked_why}"))
@@ -139,7 +152,7 @@ def decide(findings: Mapping[str, Finding], policy: Policy, *, sender: str, host
         destiny = _destiny(category, policy)
         if destiny is Destiny.PASS:
             continue
-        why = _reason(category, viruses, score, unchecked_why)
+        why = _reason(category, viruses, banned, bad_headers, score, unchecked_why)
         if destiny is Destiny.DISCARD or (
             destiny is Destiny.BOUNCE and score is not None and score >= policy.dsn_cutoff_level
         ):
@@ -154,7 +167,7 @@ def decide(findings: Mapping[str, Finding], policy: Policy, *, sender: str, host
         "accept",
         None,
         score,
-        headers=_headers(findings, policy, ordered, viruses, score, unchecked_why, hostname),
+        headers=_headers(findings, policy, ordered, alerts, score, hostname),
         subject_tag=_subject_tag(policy, ordered),
     )
 
@@ -169,9 +182,13 @@ def _destiny(category: Category, policy: Policy) -> Destiny:
     }.get(category, Destiny.PASS)
 
 
-def _reason(category: Category, viruses: tuple[str, ...], score: float | None, unchecked: str) -> str:
+def _reason(category, viruses, banned, bad_headers, score, unchecked) -> str:
     if category is Category.VIRUS:
         return f"virus {', '.join(viruses)} found"
+    if category is Category.BANNED:
+        return f"message contains banned file {', '.join(banned)}"
+    if category is Category.BAD_HEADER:
+        return f"bad header section: {'; '.join(bad_headers)}"
     if category is Category.UNCHECKED:
         return f"message could not be checked ({unchecked})"
     if category is Category.SPAM:
@@ -179,15 +196,12 @@ def _reason(category: Category, viruses: tuple[str, ...], score: float | None, u
     return category.name.lower().replace("_", " ")
 
 
-def _headers(findings, policy, categories, viruses, score, unchecked, hostname):
+def _headers(findings, policy, categories, alerts, score, hostname):
     headers = []
     clamav = findings.get("clamav")
     if clamav is not None and clamav.status == "ok":
         headers.append(("X-Virus-Scanned", f"milterd at {printable(hostname)}"))
-    if Category.VIRUS in categories:
-        headers.append(("X-Amavis-Alert", printable(f"INFECTED, message contains virus: {', '.join(viruses)}", 900)))
-    if Category.UNCHECKED in categories:
-        headers.append(("X-Amavis-Alert", printable(f"UNCHECKED, {unchecked}", 900)))
+    headers += [("X-Amavis-Alert", printable(text, 900)) for category, text in alerts.items() if category in categories]
     if policy.local and score is not None and score >= policy.tag_level:
         spammy = Category.SPAMMY in categories
         tests = ", ".join(f"{name}={format_score(points)}" for f in findings.values() for name, points in f.spam_tests)

@@ -1,7 +1,9 @@
 """The operator's rules directory, layered over the package defaults, and per-recipient lookups.
 
 The defaults live in code (policy.Policy); `rules/policy.toml` holds only what the operator
-changed, so an upgrade never clobbers an operator file.
+changed, so an upgrade never clobbers an operator file. `rules/banned.toml` is the operator's
+banned-file list (amavis bans nothing by default; Debian's list ships in its conf.d, and ours in
+rules/), read whole.
 """
 
 from __future__ import annotations
@@ -9,16 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .checks.banned import BannedRule, parse_rules
 from .policy import Policy
 from .tomlschema import ConfigError, build, read_toml
 
-RULE_FILES = ("policy.toml",)
+RULE_FILES = ("policy.toml", "banned.toml")
 
 
 @dataclass(frozen=True)
 class Rules:
     policy: Policy = field(default_factory=Policy)
     local_domains: tuple[str, ...] = ()  # "example.com" exactly, ".example.org" and its subdomains
+    banned: tuple[BannedRule, ...] = ()  # in order; the first that matches decides
 
     def is_local(self, address: str) -> bool:
         domain = address.strip("<>").rpartition("@")[2].lower().rstrip(".")
@@ -34,19 +38,21 @@ class Rules:
 
 
 def load_rules(directory: Path | None) -> Rules:
-    """Read `policy.toml` from the rules directory (None: the package defaults only)."""
+    """Read `policy.toml` and `banned.toml` from the rules directory (None: the package defaults only)."""
     if directory is None:
         return Rules()
     unknown = sorted(p.name for p in directory.glob("*.toml") if p.name not in RULE_FILES)
     if unknown:
         raise ConfigError(f"{directory / unknown[0]}: unknown rules file (known: {', '.join(RULE_FILES)})")
+    banned_path = directory / "banned.toml"
+    banned = parse_rules(read_toml(banned_path), banned_path) if banned_path.exists() else ()
     path = directory / "policy.toml"
     if not path.exists():
-        return Rules()
+        return Rules(banned=banned)
     data = read_toml(path)
     domains = data.pop("local_domains", [])
     if "local" in data:
         raise ConfigError(f"{path}: unknown key local (use local_domains)")
     if not isinstance(domains, list) or not all(isinstance(d, str) and d.strip(".") for d in domains):
         raise ConfigError(f"{path}: local_domains must be a list of domain names")
-    return Rules(policy=build(Policy, data, path), local_domains=tuple(domains))
+    return Rules(policy=build(Policy, data, path), local_domains=tuple(domains), banned=banned)

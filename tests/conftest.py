@@ -6,6 +6,7 @@ Every daemon runs in a private directory on free ports and is stopped by PID at 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -51,7 +52,7 @@ def spamd(daemon_dir):
 
 
 def write_config(directory: Path, *, clamav: str, spamd: str, policy: dict | None = None) -> Path:
-    """A milterd.toml plus rules/policy.toml: the shipped rules with `policy` merged over them."""
+    """A milterd.toml plus rules/: the shipped banned.toml, and policy.toml with `policy` merged over it."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "rules").mkdir(exist_ok=True)
     rules = tomllib.loads((ROOT / "rules" / "policy.toml").read_text())
@@ -61,6 +62,7 @@ def write_config(directory: Path, *, clamav: str, spamd: str, policy: dict | Non
         else:
             rules[key] = value
     (directory / "rules" / "policy.toml").write_text(_toml(rules))
+    shutil.copy(ROOT / "rules" / "banned.toml", directory / "rules" / "banned.toml")
     path = directory / "milterd.toml"
     path.write_text(f'[milter]\n[clamav]\nsocket = "{clamav}"\n[spamd]\naddress = "{spamd}"\n')
     return path

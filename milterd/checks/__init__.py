@@ -32,7 +32,9 @@ class Check:
 
 def build_checks(config) -> list[Check]:
     """Every enabled check, in the order they are started."""
+    from .banned import BannedCheck
     from .clamav import ClamavCheck
+    from .headers import HeadersCheck
     from .spamd import SpamdCheck
 
     checks: list[Check] = []
@@ -40,4 +42,8 @@ def build_checks(config) -> list[Check]:
         checks.append(ClamavCheck(config.clamav.socket, config.clamav.timeout, config.clamav.max_size))
     if config.spamd.enabled:
         checks.append(SpamdCheck(config.spamd.address, config.spamd.timeout, config.spamd.max_size))
+    if config.banned.enabled:
+        checks.append(BannedCheck(config.rules.banned, config.banned))
+    if config.headers.enabled:
+        checks.append(HeadersCheck(config.banned))
     return checks

@@ -5,6 +5,7 @@ Every assertion about delivered mail reads the copy Postfix delivered, not milte
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import shutil
 import smtplib
@@ -257,3 +258,42 @@ conn = message("%(eicar)s", "virus")
 assert(mt.getreply(conn) == SMFIR_REPLYCODE, "EICAR should be rejected with a reply code")
 mt.disconnect(conn)
 """
+
+
+def attachment_message(filename: str, content: bytes) -> bytes:
+    part = (
+        b"--b1\r\nContent-Type: text/plain\r\n\r\nThe document is attached.\r\n"
+        b"--b1\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
+        b'Content-Disposition: attachment; filename="'
+        + filename.encode()
+        + b'"\r\n\r\n'
+        + base64.encodebytes(content).replace(b"\n", b"\r\n")
+        + b"--b1--\r\n"
+    )
+    return part
+
+
+def test_a_banned_attachment_is_rejected_with_a_reply_naming_the_file(mta):
+    extra = b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b1"\r\n'
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        send(mta, "shipped", attachment_message("invoice.pdf.exe", b"not really a program\r\n"), extra=extra)
+    assert refused.value.smtp_code == 554
+    assert b"5.7.0 Rejected: message contains banned file" in refused.value.smtp_error
+    assert b"invoice.pdf.exe" in refused.value.smtp_error
+
+
+def test_a_right_to_left_override_name_is_banned_and_never_echoed_raw(mta):
+    extra = b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b1"\r\n'
+    # RFC 2047-free raw UTF-8 name: "invoice<U+202E>fdp.js" shows as "invoicesj.pdf"
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        send(mta, "shipped", attachment_message("invoice\u202efdp.js", b"alert(1)\r\n"), extra=extra)
+    assert refused.value.smtp_code == 554
+    assert b"invoice?fdp.js" in refused.value.smtp_error
+    assert "\u202e".encode() not in refused.value.smtp_error
+
+
+def test_a_bad_header_message_is_delivered_with_the_amavis_alert_under_pass(mta):
+    postfix, _ = mta
+    token = send(mta, "shipped", b"Hello.", extra=b"From: second@remote.test\r\n")
+    delivered = postfix.wait_delivered(token)
+    assert header(delivered, "X-Amavis-Alert") == ['BAD HEADER SECTION, Duplicate header field: "From"']

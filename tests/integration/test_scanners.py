@@ -209,3 +209,37 @@ def test_tcp_nodelay_is_set_on_the_listener_and_inherited_by_accepted_sockets():
             with accepted:
                 assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
             assert not client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_scan_json_reports_banned_parts_unchecked_reasons_and_bad_headers(scan_config, tmp_path):
+    import io
+    import zipfile
+
+    import libarchive
+
+    plain = io.BytesIO()
+    with zipfile.ZipFile(plain, "w") as z:
+        z.writestr("docs/invoice.pdf.exe", b"not really a program")
+    secret = bytearray()
+    with libarchive.custom_writer(
+        lambda data: secret.extend(data) or len(data), "zip", options="encryption=zipcrypt", passphrase="pw"
+    ) as archive:
+        archive.add_file_from_memory("a.txt", 5, b"hello")
+    (tmp_path / "banned.eml").write_bytes(mail(attachment=("invoice.zip", plain.getvalue())))
+    (tmp_path / "encrypted.eml").write_bytes(mail(attachment=("secret.zip", bytes(secret))))
+    (tmp_path / "twofrom.eml").write_bytes(b"From: b@remote.test\r\n" + mail())
+    code, records, stderr = scan(
+        scan_config, tmp_path / "banned.eml", tmp_path / "encrypted.eml", tmp_path / "twofrom.eml"
+    )
+    assert code == 1, stderr  # the banned part is rejected under the shipped REJECT
+    banned, encrypted, twofrom = records
+    assert (banned["category"], banned["action"]) == ("BANNED", "reject")
+    assert banned["banned"] == ["invoice.zip/docs/invoice.pdf.exe"]
+    assert banned["checks"]["banned"]["banned"] == [
+        {"part": "invoice.zip/docs/invoice.pdf.exe", "rule": "double-extension"}
+    ]
+    assert (encrypted["category"], encrypted["action"]) == ("UNCHECKED", "accept")
+    assert encrypted["unchecked"] == ["banned: encrypted: secret.zip/a.txt"]
+    assert ["X-Amavis-Alert", "UNCHECKED, banned unchecked (encrypted: secret.zip/a.txt)"] in encrypted["headers"]
+    assert (twofrom["category"], twofrom["action"]) == ("BAD_HEADER", "accept")
+    assert twofrom["bad_headers"] == ['Duplicate header field: "From"']

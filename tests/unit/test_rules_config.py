@@ -411,3 +411,39 @@ def test_check_config_rejects_a_bad_file_with_exit_2_naming_the_key(tmp_path, co
     assert result.stderr.startswith("milterd: ")
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+def test_the_shipped_banned_list_is_debian_amavis_in_order():
+    rules = load_rules(SHIPPED_RULES)
+    assert [r.name for r in rules.banned] == [
+        "double-extension",
+        "windows-clsid",
+        "windows-program-type",
+        "executable-extension",
+        "windows-executable",
+    ]
+    assert all(r.ban for r in rules.banned)
+
+
+def test_without_banned_toml_nothing_is_banned_by_rules_as_amavis_upstream(tmp_path):
+    assert load_rules(rules_dir(tmp_path, "")).banned == ()
+
+
+def test_a_mistake_in_banned_toml_names_the_file_and_the_rule(tmp_path):
+    directory = rules_dir(tmp_path, "")
+    (directory / "banned.toml").write_text('[[rule]]\nname = "exe"\naction = "ban"\nname_regex = "("\n')
+    with pytest.raises(ConfigError, match=r"banned.toml: rule 1 \(exe\): name_regex"):
+        load_rules(directory)
+
+
+def test_banned_limits_and_headers_sections(tmp_path):
+    config = load_config(config_file(tmp_path, "[banned]\nmax_levels = 3\ntimeout = 5\n[headers]\nenabled = false\n"))
+    assert (config.banned.max_levels, config.banned.timeout, config.banned.max_files) == (3, 5.0, 1500)
+    assert config.headers.enabled is False
+    with pytest.raises(ConfigError, match="unknown key banned.maxlevels"):
+        load_config(config_file(tmp_path, "[banned]\nmaxlevels = 3\n"))
+
+
+def test_the_example_config_lists_every_key_with_its_default():
+    config = load_config(ROOT / "systemd" / "milterd.toml")
+    assert config.banned == type(config.banned)() and config.headers == type(config.headers)()

@@ -1,0 +1,134 @@
+"""Banned files: ordered allow/ban rules over every MIME part and archive member, as amavis' banned rules.
+
+For each part, the rules are tried in order against the part and every node above it (the archive it
+came from, and so on up to the MIME leaf); the first rule that matches any of them decides. So an
+`allow` for zip files placed before the bans allows everything inside zips, as in amavis.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..findings import Finding
+from ..message import Message
+from ..mime import Inspection, Limits, Part
+from ..sanitize import printable
+from ..tomlschema import ConfigError
+from . import Check
+
+# Right-to-left override and friends (the "invoice_exe.pdf" trick), NUL and other C0/C1 controls.
+_DECEPTIVE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_CONDITIONS = ("name_glob", "name_regex", "declared_type", "real_type", "in_archive", "deceptive_name")
+
+
+@dataclass(frozen=True)
+class BannedRule:
+    """One rule: every condition given must hold. Globs and regexes ignore case."""
+
+    name: str
+    ban: bool
+    name_glob: tuple[str, ...] = ()
+    name_regex: re.Pattern | None = None
+    declared_type: tuple[str, ...] = ()  # globs on the declared Content-Type, e.g. "application/x-ms*"
+    real_type: tuple[str, ...] = ()  # globs on the libmagic type
+    in_archive: bool | None = None
+    deceptive_name: bool | None = None  # a name with bidirectional or control characters
+
+    def matches(self, part: Part) -> bool:
+        name = part.name.lower()
+        return (
+            (not self.name_glob or any(fnmatch.fnmatchcase(name, g) for g in self.name_glob))
+            and (self.name_regex is None or bool(self.name_regex.search(part.name)))
+            and (not self.declared_type or any(fnmatch.fnmatchcase(part.declared_type, g) for g in self.declared_type))
+            and (not self.real_type or any(fnmatch.fnmatchcase(part.real_type, g) for g in self.real_type))
+            and (self.in_archive is None or part.in_archive == self.in_archive)
+            and (self.deceptive_name is None or bool(_DECEPTIVE.search(part.name)) == self.deceptive_name)
+        )
+
+
+# Built in, before the operator's rules: nobody has a legitimate reason for these names.
+DECEPTIVE_NAMES = BannedRule("deceptive-name", ban=True, deceptive_name=True)
+
+
+def parse_rules(data: dict, path: Path) -> tuple[BannedRule, ...]:
+    """`[[rule]]` tables of rules/banned.toml, in order; every key and value checked."""
+    unknown = sorted(set(data) - {"rule"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]} (rules are [[rule]] tables)")
+    tables = data.get("rule", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"{path}: rule must be an array of tables ([[rule]])")
+    return tuple(_parse_rule(table, f"{path}: rule {n}") for n, table in enumerate(tables, 1))
+
+
+def _parse_rule(table: dict, where: str) -> BannedRule:
+    table = dict(table)
+    name, action = table.pop("name", None), table.pop("action", None)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}: name must be a non-empty string")
+    where = f"{where} ({name})"
+    if action not in ("allow", "ban"):
+        raise ConfigError(f'{where}: action must be "allow" or "ban"')
+    unknown = sorted(set(table) - set(_CONDITIONS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]} (known: {', '.join(_CONDITIONS)})")
+    if not table:
+        raise ConfigError(f"{where}: a rule needs at least one condition")
+    values: dict = {}
+    for key in ("name_glob", "declared_type", "real_type"):
+        if key in table:
+            globs = table[key] if isinstance(table[key], list) else [table[key]]
+            if not globs or not all(isinstance(g, str) and g for g in globs):
+                raise ConfigError(f"{where}: {key} must be a string or a list of strings")
+            values[key] = tuple(g.lower() for g in globs)
+    if "name_regex" in table:
+        try:
+            values["name_regex"] = re.compile(table["name_regex"], re.IGNORECASE)
+        except (re.error, TypeError) as e:
+            raise ConfigError(f"{where}: name_regex: {e}") from None
+    for key in ("in_archive", "deceptive_name"):
+        if key in table:
+            if not isinstance(table[key], bool):
+                raise ConfigError(f"{where}: {key} must be true or false")
+            values[key] = table[key]
+    return BannedRule(name=name, ban=action == "ban", **values)
+
+
+def banned_parts(inspection: Inspection, rules: Sequence[BannedRule]) -> list[tuple[Part, BannedRule]]:
+    """Each banned part with the rule that banned it, in the order the walker found them."""
+    by_path = {part.path: part for part in inspection.parts}
+    banned = []
+    for part in inspection.parts:
+        lineage = [part] + [by_path[p] for p in _ancestor_paths(part.path) if p in by_path]
+        for rule in rules:
+            if any(rule.matches(node) for node in lineage):
+                if rule.ban:
+                    banned.append((part, rule))
+                break
+    return banned
+
+
+def _ancestor_paths(path: str) -> list[str]:
+    """'a.zip/docs/x.exe' -> ['a.zip/docs', 'a.zip']: the paths a containing node may have."""
+    pieces = path.split("/")
+    return ["/".join(pieces[:n]) for n in range(len(pieces) - 1, 0, -1)]
+
+
+class BannedCheck(Check):
+    name = "banned"
+    critical = True  # a message we could not look inside is UNCHECKED, never CLEAN
+
+    def __init__(self, rules: Sequence[BannedRule], limits: Limits):
+        self.rules = (DECEPTIVE_NAMES, *rules)
+        self.limits = limits
+        self.timeout = limits.timeout + 5  # the walker stops itself at limits.timeout
+
+    def run(self, message: Message) -> Finding:
+        inspection = message.inspect(self.limits)
+        banned = tuple((printable(part.path, 200), rule.name) for part, rule in banned_parts(inspection, self.rules))
+        detail = printable("; ".join(inspection.unchecked), 500)
+        return self.finding("unchecked" if inspection.unchecked else "ok", detail=detail, banned=banned)
