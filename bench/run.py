@@ -3,9 +3,9 @@
 One private Postfix relays everything to smtp-sink; each configuration has its own smtpd listener:
   plain          Postfix alone: the ceiling
   noop_pymilter  a pymilter milter with milterd's callbacks that does nothing: the protocol's floor
-  off_inet       milterd, every check off, inet:   (framework cost)
+  off_inet       milterd, every check off (clamd, spamd, banned, headers), inet:   (framework cost)
   off_unix       the same over a unix socket
-  full           milterd with clamd + spamd
+  full           milterd with every check it has: clamd, spamd, banned files, bad headers
   amavis         content_filter to amavisd-new (clamd + SpamAssassin in-process), reinjected on a second smtpd
   backends       no MTA: clamd INSTREAM then spamd REPORT per message, as milterd asks them: their own ceiling
 Runs are interleaved (A B C ... A B C) and the table shows medians. Every message is unique. A run
@@ -222,7 +222,8 @@ def smtp_sender(port: int, timeout: float) -> Callable[[bytes], int]:
 def backend_sender(config: Path) -> Callable[[bytes], int]:
     """clamd then spamd on one message, the order milterd uses (no SpamAssassin run for a virus)."""
     settings = load_config(config)
-    clamav, spamd = build_checks(settings)  # in that order
+    checks = {check.name: check for check in build_checks(settings)}
+    clamav, spamd = checks["clamav"], checks["spamd"]
     envelope = Envelope(mail_from=corpus.SENDER, rcpts=(corpus.RECIPIENT,), client_ip="127.0.0.1")
 
     def send(raw: bytes) -> int:
@@ -265,7 +266,8 @@ def main() -> None:
             )
             if not checks_on:
                 text = config.read_text().replace("[clamav]\n", "[clamav]\nenabled = false\n")
-                config.write_text(text.replace("[spamd]\n", "[spamd]\nenabled = false\n"))
+                text = text.replace("[spamd]\n", "[spamd]\nenabled = false\n")
+                config.write_text(text + "[banned]\nenabled = false\n[headers]\nenabled = false\n")
             milterds[name] = start_milterd(config, unix=work / f"{name}.sock" if unix else None)
         noop_port = daemons.free_port()
         noop = subprocess.Popen([sys.executable, "-m", "bench.noop_milter", f"inet:{noop_port}@127.0.0.1"])
