@@ -11,15 +11,16 @@ with a reason in `unchecked`, never with an exception.
 from __future__ import annotations
 
 import binascii
+import contextlib
 import ctypes
 import io
+import queue
 import quopri
 import re
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from email.feedparser import BytesFeedParser
 from email.header import decode_header, make_header
@@ -33,6 +34,9 @@ from libarchive import ffi
 from libarchive.exception import ArchiveError
 from libarchive.read import ArchiveRead
 
+LARGE = 1024 * 1024  # the milter's default spool_threshold: past it a message is on disk
+_large_walks = threading.Lock()
+MAGIC_HANDLES = 4  # libmagic runs without the GIL: a few handles keep the cores busy
 HEAD = 64 * 1024  # what libmagic sees of each file: enough for ISO 9660's signature at 32 KiB
 BLOCK = 64 * 1024
 
@@ -120,6 +124,9 @@ class Limits:
     min_expansion_factor: int = 5
     max_expansion_factor: int = 500  # quota = max(min_quota, size*min_factor, min(max_quota, size*max_factor))
     timeout: float = 30.0  # seconds for the whole walk
+    # The email package holds a parsed message in memory (about 3x its size): larger ones are not
+    # walked but UNCHECKED, as clamd's StreamMaxLength, so memory stays flat for a 50 MB message.
+    max_size: int = 25 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -149,7 +156,17 @@ class _TooDeep(Exception):
 
 
 def inspect(message, limits: Limits = Limits()) -> Inspection:
-    """Every file in `message` (a milterd.message.Message) with its types; never raises."""
+    """Every file in `message` (a milterd.message.Message) with its types; never raises.
+
+    Messages spooled to disk are walked one at a time, so concurrent large mail cannot add up in memory.
+    """
+    if message.size > limits.max_size:
+        return Inspection((), (f"message: larger than max_size ({message.size} > {limits.max_size} bytes)",), ())
+    with _large_walks if message.size > LARGE else contextlib.nullcontext():
+        return _inspect(message, limits)
+
+
+def _inspect(message, limits: Limits) -> Inspection:
     walk = _Walk(limits, message.size)
     try:
         with message.open() as stream:
@@ -203,7 +220,7 @@ class _Walk:
         if len(self.parts) >= self.limits.max_files:
             raise _Stop(f"max_files {self.limits.max_files} exceeded at {path}")
 
-    @contextmanager
+    @contextlib.contextmanager
     def guard(self, path: str, failure: str) -> Iterator[None]:
         """A node that fails becomes a reason in `unchecked`; the walk goes on with the next one."""
         try:
@@ -406,7 +423,7 @@ class _Content:
             self._spill.close()
 
 
-@contextmanager
+@contextlib.contextmanager
 def _reader(raw: bool) -> Iterator[int]:
     """A libarchive read handle for our formats and filters; `raw` adds the format for non-tar compressed data."""
     archive = ffi.read_new()
@@ -431,16 +448,20 @@ def _open(archive: int, source: bytes | BinaryIO) -> None:
 def _identify(data: bytes) -> str:
     """libmagic's MIME type of the head, as file(1) reads it.
 
-    One libmagic handle per thread: python-magic's shared handle is behind a lock, and checks of
-    concurrent messages queued on it (make bench: a third of milterd's CPU time was that wait).
+    A few handles, borrowed in turn: python-magic's one shared handle is behind a lock that
+    concurrent messages queued on (a third of milterd's CPU samples under load), and a handle
+    per thread cost each thread a private copy of the magic database (16 MB).
     """
-    handle = getattr(_magic, "handle", None)
-    if handle is None:
-        handle = _magic.handle = magic.Magic(mime=True)
-    return handle.from_buffer(data[:HEAD])
+    handle = _magic_handles.get()
+    try:
+        return handle.from_buffer(data[:HEAD])
+    finally:
+        _magic_handles.put(handle)
 
 
-_magic = threading.local()
+_magic_handles: queue.LifoQueue = queue.LifoQueue()
+for _ in range(MAGIC_HANDLES):
+    _magic_handles.put(magic.Magic(mime=True))
 
 
 def _container(real: str) -> bool:

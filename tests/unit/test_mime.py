@@ -451,3 +451,10 @@ def test_right_to_left_override_in_a_zip_member_name():
     result = scan(mail(("a.zip", zip_of({"invoice\u202efdp.exe": CLAM_EXE}))))
     member = by_path(result)["a.zip/invoice\u202efdp.exe"]
     assert member.name == "invoice\u202efdp.exe" and is_executable(member)
+
+
+def test_a_message_over_max_size_is_not_walked_but_unchecked():
+    """The parser holds a message in memory: past max_size nothing is parsed, and the reason says why."""
+    result = scan(mail(("a.zip", zip_of({"x.exe": CLAM_EXE}))), Limits(max_size=100))
+    assert result.parts == ()
+    assert len(result.unchecked) == 1 and "larger than max_size" in result.unchecked[0]
