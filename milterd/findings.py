@@ -11,6 +11,33 @@ Status = Literal["ok", "skipped", "unchecked", "unavailable", "timeout", "error"
 
 
 @dataclass(frozen=True)
+class DkimResult:
+    """One DKIM signature's verification (RFC 8601 names)."""
+
+    result: Literal["pass", "fail", "neutral", "temperror", "permerror"]
+    domain: str  # d=, sanitised
+    selector: str  # s=, sanitised
+    algorithm: str = ""  # a=, e.g. rsa-sha256, ed25519-sha256
+    detail: str = ""  # why it did not pass
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in vars(self).items() if v}
+
+
+@dataclass(frozen=True)
+class SpfResult:
+    """The SPF result for the envelope sender (or the HELO name when the sender is empty)."""
+
+    result: Literal["pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"]
+    identity: Literal["mailfrom", "helo"]
+    domain: str  # the domain checked, sanitised
+    detail: str = ""  # pyspf's explanation, sanitised
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in vars(self).items() if v}
+
+
+@dataclass(frozen=True)
 class Finding:
     """One check's result for one message.
 
@@ -28,6 +55,8 @@ class Finding:
     spam_tests: tuple[tuple[str, float], ...] = ()
     banned: tuple[tuple[str, str], ...] = ()  # (part path, rule name), both sanitised
     bad_headers: tuple[str, ...] = ()  # problems, each naming the header field, sanitised
+    dkim: tuple[DkimResult, ...] = ()  # one per signature, in header order
+    spf: SpfResult | None = None
 
     @property
     def failed(self) -> bool:
@@ -48,4 +77,8 @@ class Finding:
             out["banned"] = [{"part": part, "rule": rule} for part, rule in self.banned]
         if self.bad_headers:
             out["bad_headers"] = list(self.bad_headers)
+        if self.dkim:
+            out["dkim"] = [d.to_json() for d in self.dkim]
+        if self.spf is not None:
+            out["spf"] = self.spf.to_json()
         return out
