@@ -37,11 +37,14 @@ def fold(value: str, width: int = 76) -> str:
     return "\n\t".join(lines)
 
 
-def apply(ctx: Milter.Base, verdict: Verdict, header_names: list[str], subject: str | None) -> int:
+def apply(
+    ctx: Milter.Base, verdict: Verdict, header_names: list[str], subject: str | None, forged_results: list[int] = ()
+) -> int:
     """Carry out `verdict` on the milter context at end of message; returns the milter result code.
 
     `header_names` are the incoming headers in order (to remove forged copies of ours),
-    `subject` the incoming Subject or None.
+    `subject` the incoming Subject or None, `forged_results` the indexes of incoming
+    Authentication-Results headers that carry our authserv-id (RFC 8601 section 5).
     """
     if verdict.reply is not None:
         ctx.setreply(verdict.reply.code, verdict.reply.xcode, verdict.reply.text)
@@ -53,6 +56,8 @@ def apply(ctx: Milter.Base, verdict: Verdict, header_names: list[str], subject: 
     for lower, name in own.items():
         for index in range(counts[lower], 0, -1):  # from the last, so indexes stay valid
             ctx.chgheader(name, index, "")
+    for index in sorted(forged_results, reverse=True):
+        ctx.chgheader("Authentication-Results", index, "")
     for name, value in reversed(verdict.headers):
         ctx.addheader(name, fold(value), 0)
     tag = verdict.subject_tag

@@ -17,6 +17,7 @@ import socket
 import Milter
 
 from . import actions
+from .authresults import claims_our_id
 from .engine import Engine
 from .message import Envelope, Message, Spool
 from .policy import Policy
@@ -48,6 +49,7 @@ class Session(Milter.Base):
         self.rcpts: list[str] = []
         self.policy: Policy | None = None
         self.header_names: list[str] = []
+        self.forged_results: list[int] = []  # indexes of Authentication-Results headers claiming our authserv-id
         self.subject: str | None = None
         self.auth_user = ""
         self.in_body = False
@@ -101,8 +103,13 @@ class Session(Milter.Base):
     @Milter.decode("bytes")
     def header(self, name, value):
         self.header_names.append(name)
-        if name.lower() == "subject":
+        lower = name.lower()
+        if lower == "subject":
             self.subject = value.decode("utf-8", "surrogateescape")
+        elif lower == "authentication-results":
+            index = sum(n.lower() == lower for n in self.header_names)
+            if claims_our_id(value.decode("latin-1"), self.engine.config.milter.hostname):
+                self.forged_results.append(index)
         self.spool.write(name.encode("ascii", "replace") + b": " + _LINE_END.sub(b"\r\n", value) + b"\r\n")
         return Milter.CONTINUE
 
@@ -134,7 +141,7 @@ class Session(Milter.Base):
         message = Message(envelope, self.spool)
         try:
             _, verdict = self.engine.evaluate(message, self.policy)
-            return actions.apply(self, verdict, self.header_names, self.subject)
+            return actions.apply(self, verdict, self.header_names, self.subject, self.forged_results)
         except Exception as e:  # never lose a message to a bug: the sender retries
             log.error(
                 "%s: internal error, tempfail: %s: %s",

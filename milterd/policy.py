@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Literal
 
+from . import authresults
 from .findings import Finding
 from .sanitize import printable
 
@@ -198,6 +199,12 @@ def _reason(category, viruses, banned, bad_headers, score, unchecked) -> str:
 
 def _headers(findings, policy, categories, alerts, score, hostname):
     headers = []
+    dkim, spf = findings.get("dkim"), findings.get("spf")
+    authentication = authresults.header_value(
+        hostname, dkim.dkim if dkim is not None and dkim.status == "ok" else None, spf.spf if spf else None
+    )
+    if authentication:
+        headers.append(("Authentication-Results", authentication))
     clamav = findings.get("clamav")
     if clamav is not None and clamav.status == "ok":
         headers.append(("X-Virus-Scanned", f"milterd at {printable(hostname)}"))

@@ -297,3 +297,14 @@ def test_a_bad_header_message_is_delivered_with_the_amavis_alert_under_pass(mta)
     token = send(mta, "shipped", b"Hello.", extra=b"From: second@remote.test\r\n")
     delivered = postfix.wait_delivered(token)
     assert header(delivered, "X-Amavis-Alert") == ['BAD HEADER SECTION, Duplicate header field: "From"']
+
+
+def test_a_forged_authentication_results_with_our_authserv_id_is_removed(mta):
+    """RFC 8601 section 5: only ours may say what we verified; other servers' results stay."""
+    postfix, _ = mta
+    ours = socket.getfqdn()  # milterd's [milter] hostname default, its authserv-id
+    forged = f"Authentication-Results: {ours}; dkim=pass header.d=bank.example\r\n".encode()
+    foreign = b"Authentication-Results: relay.remote.test; spf=pass smtp.mailfrom=remote.test\r\n"
+    token = send(mta, "shipped", b"Hello.", extra=forged + foreign)
+    delivered = postfix.wait_delivered(token)
+    assert header(delivered, "Authentication-Results") == ["relay.remote.test; spf=pass smtp.mailfrom=remote.test"]
