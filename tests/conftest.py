@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests import daemons
+from tests.dnsserver import start_dns
 
 ROOT = Path(__file__).resolve().parent.parent
 MILTERD = str(Path(sys.executable).parent / "milterd")
@@ -120,3 +121,11 @@ def stop_milterd(milterd: Milterd) -> None:
     except subprocess.TimeoutExpired:
         milterd.proc.kill()
         milterd.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def dns(daemon_dir):
+    """The authoritative DNS server for DKIM, SPF and DMARC, empty: tests add their names with dns.update()."""
+    server = start_dns(daemon_dir / "dns")
+    yield server
+    server.stop()
