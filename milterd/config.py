@@ -11,6 +11,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .dns import parse_nameserver
 from .mime import Limits
 from .rules import Rules, load_rules
 from .tomlschema import POSITIVE, ConfigError, build, read_toml
@@ -67,6 +68,29 @@ class HeadersSettings:
 
 
 @dataclass(frozen=True)
+class DnsSettings:
+    """The one resolver DKIM and SPF use."""
+
+    # "host" or "host:port" ("[::1]:5353" for IPv6); empty = the system resolver (/etc/resolv.conf)
+    nameservers: tuple[str, ...] = ()
+    timeout: float = field(default=5.0, metadata=POSITIVE)  # seconds for one lookup, every server and retry
+
+
+@dataclass(frozen=True)
+class DkimSettings:
+    enabled: bool = True
+    timeout: float = field(default=10.0, metadata=POSITIVE)  # seconds for the key lookups of all signatures
+    # dkimpy holds the message in memory: larger mail is not verified
+    max_size: int = field(default=25 * 1024 * 1024, metadata=POSITIVE)
+
+
+@dataclass(frozen=True)
+class SpfSettings:
+    enabled: bool = True
+    timeout: float = field(default=20.0, metadata=POSITIVE)  # seconds for the whole evaluation (RFC 7208 4.6.4)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     rules: Rules
@@ -75,6 +99,9 @@ class Config:
     spamd: SpamdSettings = field(default_factory=SpamdSettings)
     banned: BannedSettings = field(default_factory=BannedSettings)
     headers: HeadersSettings = field(default_factory=HeadersSettings)
+    dns: DnsSettings = field(default_factory=DnsSettings)
+    dkim: DkimSettings = field(default_factory=DkimSettings)
+    spf: SpfSettings = field(default_factory=SpfSettings)
 
 
 _SECTIONS = {
@@ -83,6 +110,9 @@ _SECTIONS = {
     "spamd": SpamdSettings,
     "banned": BannedSettings,
     "headers": HeadersSettings,
+    "dns": DnsSettings,
+    "dkim": DkimSettings,
+    "spf": SpfSettings,
 }
 
 
@@ -105,6 +135,11 @@ def load_config(path: Path | None = None) -> Config:
         if not isinstance(section, dict):
             raise ConfigError(f"{path}: [{name}] must be a table")
         sections[name] = build(cls, section, path, f"{name}.")
+    for nameserver in sections["dns"].nameservers:
+        try:
+            parse_nameserver(nameserver)
+        except ValueError as e:
+            raise ConfigError(f"{path}: dns.nameservers: {e}") from None
     rules_dir = path.parent / sections["milter"].rules
     if not rules_dir.is_dir():
         raise ConfigError(f"{path}: milter.rules: {rules_dir} is not a directory")

@@ -58,6 +58,11 @@ def log_line(message: Message, findings: dict[str, Finding], verdict: Verdict) -
         f"size={message.size}, category={verdict.category.name}, score={score},",
         f"action={verdict.action}, checks=[{checks}]",
     ]
+    auth = [f"dkim={d.result}/{d.domain or '-'}" for f in findings.values() for d in f.dkim]
+    auth += [f"spf={f.spf.result}/{f.spf.domain or '-'}" for f in findings.values() if f.spf]
+    if auth:  # the results, temperror included: the check's own status stays "ok" whatever DNS did
+        parts[-1] += ","
+        parts.append(f"auth=[{' '.join(auth)}]")
     if verdict.reason:
         parts[-1] += ","
         parts.append(f"reason={printable(verdict.reason, 300)}")

@@ -52,8 +52,14 @@ def spamd(daemon_dir):
     server.stop()
 
 
-def write_config(directory: Path, *, clamav: str, spamd: str, policy: dict | None = None) -> Path:
-    """A milterd.toml plus rules/: the shipped banned.toml, and policy.toml with `policy` merged over it."""
+def write_config(
+    directory: Path, *, clamav: str, spamd: str, policy: dict | None = None, dns: str | None = None
+) -> Path:
+    """A milterd.toml plus rules/: the shipped banned.toml, and policy.toml with `policy` merged over it.
+
+    `dns`: the nameserver ("127.0.0.1:PORT") for DKIM and SPF; without one they are off, so no
+    test waits on a resolver that cannot answer.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "rules").mkdir(exist_ok=True)
     rules = tomllib.loads((ROOT / "rules" / "policy.toml").read_text())
@@ -65,7 +71,8 @@ def write_config(directory: Path, *, clamav: str, spamd: str, policy: dict | Non
     (directory / "rules" / "policy.toml").write_text(_toml(rules))
     shutil.copy(ROOT / "rules" / "banned.toml", directory / "rules" / "banned.toml")
     path = directory / "milterd.toml"
-    path.write_text(f'[milter]\n[clamav]\nsocket = "{clamav}"\n[spamd]\naddress = "{spamd}"\n')
+    auth = f'[dns]\nnameservers = ["{dns}"]\n' if dns else "[dkim]\nenabled = false\n[spf]\nenabled = false\n"
+    path.write_text(f'[milter]\n[clamav]\nsocket = "{clamav}"\n[spamd]\naddress = "{spamd}"\n{auth}')
     return path
 
 

@@ -32,10 +32,13 @@ class Check:
 
 def build_checks(config) -> list[Check]:
     """Every enabled check, in the order they are started."""
+    from ..dns import Resolver
     from .banned import BannedCheck
     from .clamav import ClamavCheck
+    from .dkim import DkimCheck
     from .headers import HeadersCheck
     from .spamd import SpamdCheck
+    from .spf import SpfCheck
 
     checks: list[Check] = []
     if config.clamav.enabled:
@@ -46,4 +49,10 @@ def build_checks(config) -> list[Check]:
         checks.append(BannedCheck(config.rules.banned, config.banned))
     if config.headers.enabled:
         checks.append(HeadersCheck(config.banned))
+    if config.dkim.enabled or config.spf.enabled:
+        resolver = Resolver(config.dns.nameservers, config.dns.timeout)
+        if config.dkim.enabled:
+            checks.append(DkimCheck(resolver.dkim_txt, config.dkim.timeout, config.dkim.max_size))
+        if config.spf.enabled:
+            checks.append(SpfCheck(resolver.spf_lookup, config.spf.timeout))
     return checks

@@ -1,0 +1,147 @@
+"""DKIM verification of every DKIM-Signature with dkimpy; keys through the one resolver (milterd.dns).
+
+Results, per signature (RFC 8601 names for RFC 6376's outcomes):
+- pass: the signature verifies with its key.
+- fail: it does not: the body hash or the header signature does not match (the message changed).
+- permerror: it cannot ever verify: no key record (NXDOMAIN or no TXT), a malformed or revoked
+  (empty p=) key, a key under 1024 bits, a syntax error in the signature, From not signed
+  (RFC 6376 6.1.1), an algorithm we do not accept (rsa-sha1, RFC 8301), an expired x= or a t= in
+  the future. Expiry is a permerror, not a fail: RFC 6376 6.1.1 has the verifier ignore such a
+  signature (PERMFAIL, "signature expired"), and "fail" would say the content was altered.
+  dkimpy allows 10 hours of clock skew for x= and t=.
+- temperror: the key lookup got no answer (timeout, SERVFAIL) or the time ran out: a later
+  attempt may pass, and a DNS failure never blocks mail (the check is not critical).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import dkim
+from dkim.util import InvalidTagValueList, parse_tag_value
+
+from ..dns import DnsError
+from ..findings import DkimResult, Finding
+from ..message import Message
+from ..sanitize import printable
+from . import Check
+
+MAX_SIGNATURES = 10  # verified per message; each costs a key lookup and a pass over the body
+
+# dkimpy logs attacker-controlled text (key records, header values) at error level; our results
+# carry the reason, sanitised, so its own logger stays silent.
+_SILENT = logging.Logger("dkimpy")
+_SILENT.setLevel(logging.CRITICAL + 1)
+
+
+class DkimCheck(Check):
+    name = "dkim"
+
+    def __init__(self, dnsfunc: Callable[..., bytes], timeout: float = 10.0, max_size: int = 25 * 1024 * 1024):
+        """`dnsfunc(name, timeout=)`: the key record as bytes, b"" when there is none, DnsError on failure.
+
+        `timeout` bounds the key lookups of all of a message's signatures; the pipeline's deadline
+        is a second later, so a slow DNS shows as temperror per signature, not as a check timeout.
+        """
+        self.dnsfunc = dnsfunc
+        self.dns_budget = timeout
+        self.timeout = timeout + 1
+        self.max_size = max_size
+
+    def run(self, message: Message) -> Finding:
+        if message.size > self.max_size:  # dkimpy holds the whole message in memory
+            return self.finding("skipped", detail=f"larger than max_size ({message.size} > {self.max_size} bytes)")
+        with message.open() as stream:
+            data = stream.read()
+        try:
+            verifier = dkim.DKIM(data, logger=_SILENT, minkey=1024)
+        except (dkim.DKIMException, IndexError) as e:  # a header line dkimpy cannot split: nothing can be verified
+            return self.finding("ok", detail=printable(f"header section not parsed: {e}"))
+        signatures = [value for name, value in verifier.headers if name.lower() == b"dkim-signature"]
+        keys = _Keys(self.dnsfunc, time.monotonic() + self.dns_budget)
+        results = tuple(_verify(verifier, i, value, keys) for i, value in enumerate(signatures[:MAX_SIGNATURES]))
+        more = len(signatures) - MAX_SIGNATURES
+        return self.finding("ok", dkim=results, detail=f"{more} more signatures not verified" if more > 0 else "")
+
+
+class _Keys:
+    """The dnsfunc dkimpy calls for one message: each key name looked up once, within the message's deadline.
+
+    It keeps what each lookup returned, so a signature that did not verify can be told apart:
+    a key problem (permerror) from a signature that does not match its good key (fail).
+    """
+
+    def __init__(self, dnsfunc: Callable[..., bytes], deadline: float):
+        self._dnsfunc, self._deadline = dnsfunc, deadline
+        self.records: dict[bytes, bytes | DnsError] = {}
+
+    def __call__(self, name: bytes, timeout: float = 5.0) -> bytes:
+        if name not in self.records:
+            try:
+                self.records[name] = self._dnsfunc(name, timeout=self._deadline - time.monotonic())
+            except DnsError as e:
+                self.records[name] = e
+        record = self.records[name]
+        if isinstance(record, DnsError):
+            raise record
+        return record
+
+
+def _verify(verifier: dkim.DKIM, idx: int, header_value: bytes, keys: _Keys) -> DkimResult:
+    try:
+        tags = parse_tag_value(header_value)
+    except InvalidTagValueList as e:  # d= and s= unknown: dkimpy would fail the same way
+        return DkimResult("permerror", "", "", detail=printable(f"malformed tag list: {type(e).__name__} {e}"))
+
+    def result(outcome: str, detail: str = "") -> DkimResult:
+        return DkimResult(
+            outcome,  # type: ignore[arg-type]
+            domain=_text(tags.get(b"d", b""), 100),
+            selector=_text(tags.get(b"s", b""), 100),
+            algorithm=_text(tags.get(b"a", b""), 40),
+            detail=printable(detail, 200),
+        )
+
+    if tags.get(b"a") == b"rsa-sha1":
+        return result("permerror", "rsa-sha1 is not accepted (RFC 8301)")
+    if b"h" in tags and b"from" not in (h.strip().lower() for h in tags[b"h"].split(b":")):
+        return result("permerror", "From is not signed")
+    try:
+        if verifier.verify(idx=idx, dnsfunc=keys):
+            return result("pass")
+    except DnsError as e:
+        return result("temperror", f"key lookup: {e}")
+    except dkim.ValidationError as e:
+        return result("fail" if str(e).startswith("body hash mismatch") else "permerror", _short(e))
+    except dkim.DKIMException as e:  # bad c=, key too small, unknown key type
+        return result("permerror", _short(e))
+    except Exception as e:  # dkimpy lets its parsers' errors out on hostile values (b= padding, ed25519 length)
+        return result("permerror", f"malformed signature: {type(e).__name__}: {e}")
+    name = tags[b"s"] + b"._domainkey." + tags[b"d"] + b"."
+    problem = _key_problem(name, keys.records.get(name, b""))
+    return result("permerror", problem) if problem else result("fail", "signature did not verify")
+
+
+def _key_problem(name: bytes, record: bytes) -> str:
+    """Why a key record cannot verify anything, or "" when it is a usable key."""
+    shown = _text(name, 120)
+    if not record:
+        return f"no key record at {shown}"
+    try:
+        if not parse_tag_value(record).get(b"p", b"x").strip():
+            return f"key revoked (empty p=) at {shown}"
+        dkim.evaluate_pk(name, record)
+    except (InvalidTagValueList, dkim.DKIMException, ValueError) as e:
+        return f"bad key record at {shown}: {_short(e)}"
+    return ""
+
+
+def _short(error: Exception) -> str:
+    """dkimpy's message without the long base64 values it quotes."""
+    return str(error).split(" (", 1)[0]
+
+
+def _text(value: bytes, limit: int) -> str:
+    return printable(value.decode("ascii", "replace"), limit)
