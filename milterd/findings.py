@@ -38,6 +38,20 @@ class SpfResult:
 
 
 @dataclass(frozen=True)
+class DmarcResult:
+    """DMARC for the From domain: identifier alignment of the DKIM and SPF results, and the owner's policy."""
+
+    result: Literal["pass", "fail", "none", "temperror", "permerror"]
+    domain: str  # the RFC5322.From domain, sanitised
+    policy: Literal["none", "quarantine", "reject", ""] = ""  # p= (or sp= for a subdomain); "" without a record
+    disposition: Literal["none", "quarantine", "reject"] = "none"  # what the policy asks for this message
+    detail: str = ""
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in vars(self).items() if v}
+
+
+@dataclass(frozen=True)
 class Finding:
     """One check's result for one message.
 
@@ -57,6 +71,7 @@ class Finding:
     bad_headers: tuple[str, ...] = ()  # problems, each naming the header field, sanitised
     dkim: tuple[DkimResult, ...] = ()  # one per signature, in header order
     spf: SpfResult | None = None
+    dmarc: DmarcResult | None = None
 
     @property
     def failed(self) -> bool:
@@ -81,4 +96,6 @@ class Finding:
             out["dkim"] = [d.to_json() for d in self.dkim]
         if self.spf is not None:
             out["spf"] = self.spf.to_json()
+        if self.dmarc is not None:
+            out["dmarc"] = self.dmarc.to_json()
         return out
