@@ -62,3 +62,18 @@ def test_a_skipped_dkim_check_writes_no_dkim_result():
     findings = {"dkim": Finding("dkim", "skipped", detail="larger than max_size")}
     verdict = decide(findings, Policy(), sender="", hostname="mx")
     assert "Authentication-Results" not in dict(verdict.headers)
+
+
+def test_dmarc_in_the_header_and_reject_only_when_the_policy_asks():
+    from milterd.findings import DmarcResult
+
+    findings = {"dmarc": Finding("dmarc", "ok", dmarc=DmarcResult("fail", "bank.example", "reject", "reject"))}
+    passed = decide(findings, Policy(), sender="a@x.test", hostname="mx")
+    assert passed.action == "accept"
+    header = dict(passed.headers)["Authentication-Results"]
+    assert header == "mx; dmarc=fail header.from=bank.example policy.dmarc=reject"
+    refused = decide(findings, Policy(dmarc_reject=True), sender="a@x.test", hostname="mx")
+    assert refused.action == "reject"
+    assert str(refused.reply) == "550 5.7.1 Rejected: DMARC policy of bank.example is reject"
+    quarantine = {"dmarc": Finding("dmarc", "ok", dmarc=DmarcResult("fail", "x.example", "quarantine", "quarantine"))}
+    assert decide(quarantine, Policy(dmarc_reject=True), sender="", hostname="mx").action == "accept"
