@@ -14,6 +14,7 @@ from .message import Message
 from .pipeline import Pipeline
 from .policy import Policy, Verdict, decide, format_score
 from .sanitize import address, printable
+from .scores import authentication_points
 
 log = logging.getLogger("milterd")
 
@@ -31,6 +32,9 @@ class Engine:
     def evaluate(self, message: Message, policy: Policy | None = None) -> tuple[dict[str, Finding], Verdict]:
         """`policy`: the one the milter settled at RCPT time (looked up once); scan leaves it to us."""
         findings = self.pipeline.run(message)
+        points = authentication_points(findings, self.rules.scores)
+        if points is not None:
+            findings["scores"] = points
         envelope = message.envelope
         verdict = decide(
             findings,

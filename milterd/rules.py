@@ -13,9 +13,10 @@ from pathlib import Path
 
 from .checks.banned import BannedRule, parse_rules
 from .policy import Policy
+from .scores import Scores, parse_scores
 from .tomlschema import ConfigError, build, read_toml
 
-RULE_FILES = ("policy.toml", "banned.toml")
+RULE_FILES = ("policy.toml", "banned.toml", "scores.toml")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class Rules:
     policy: Policy = field(default_factory=Policy)
     local_domains: tuple[str, ...] = ()  # "example.com" exactly, ".example.org" and its subdomains
     banned: tuple[BannedRule, ...] = ()  # in order; the first that matches decides
+    scores: Scores = field(default_factory=Scores)  # points for the authentication results
 
     def is_local(self, address: str) -> bool:
         domain = address.strip("<>").rpartition("@")[2].lower().rstrip(".")
@@ -46,13 +48,15 @@ def load_rules(directory: Path | None) -> Rules:
         raise ConfigError(f"{directory / unknown[0]}: unknown rules file (known: {', '.join(RULE_FILES)})")
     banned_path = directory / "banned.toml"
     banned = parse_rules(read_toml(banned_path), banned_path) if banned_path.exists() else ()
+    scores_path = directory / "scores.toml"
+    scores = parse_scores(read_toml(scores_path), scores_path) if scores_path.exists() else Scores()
     path = directory / "policy.toml"
     if not path.exists():
-        return Rules(banned=banned)
+        return Rules(banned=banned, scores=scores)
     data = read_toml(path)
     domains = data.pop("local_domains", [])
     if "local" in data:
         raise ConfigError(f"{path}: unknown key local (use local_domains)")
     if not isinstance(domains, list) or not all(isinstance(d, str) and d.strip(".") for d in domains):
         raise ConfigError(f"{path}: local_domains must be a list of domain names")
-    return Rules(policy=build(Policy, data, path), local_domains=tuple(domains), banned=banned)
+    return Rules(policy=build(Policy, data, path), local_domains=tuple(domains), banned=banned, scores=scores)
