@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
@@ -44,8 +44,9 @@ class Pipeline:
         started: dict[str, tuple[Check, Future, float]] = {}
         results: dict[str, Finding] = {}
 
-        def start(check: Check) -> None:
-            started[check.name] = (check, self._pool.submit(_guarded, check, message), time.monotonic())
+        def start(check: Check, earlier: Mapping[str, Finding] | None = None) -> None:
+            future = self._pool.submit(_guarded, check, message, earlier or {})
+            started[check.name] = (check, future, time.monotonic())
 
         def collect(name: str) -> Finding:
             if name not in results:
@@ -67,7 +68,7 @@ class Pipeline:
             if reason:
                 results[check.name] = check.finding("skipped", detail=reason)
             else:
-                start(check)
+                start(check, earlier)
         for name in list(started):
             collect(name)
         return {check.name: results[check.name] for check in self.checks}
@@ -76,10 +77,10 @@ class Pipeline:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _guarded(check: Check, message: Message) -> Finding:
+def _guarded(check: Check, message: Message, earlier: Mapping[str, Finding]) -> Finding:
     t0 = time.monotonic()
     try:
-        finding = check.run(message)
+        finding = check.run_after(message, earlier)
     except Exception as e:  # a bug in a check must not lose the message: it becomes a failed check
         log.error(
             "check %s failed: %s",

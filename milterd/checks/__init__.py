@@ -11,8 +11,9 @@ from ..message import Message
 class Check:
     """What the pipeline needs of a check.
 
-    `after` names checks whose findings `skip_reason` wants to see first (spamd waits for the
-    virus scan, so an infected message never costs a SpamAssassin run).
+    `after` names checks whose findings `skip_reason` and `run_after` want to see first (spamd
+    waits for the virus scan, so an infected message never costs a SpamAssassin run; DMARC judges
+    the DKIM and SPF results).
     """
 
     name: str = ""
@@ -25,6 +26,14 @@ class Check:
 
     def run(self, message: Message) -> Finding:
         raise NotImplementedError
+
+    def run_after(self, message: Message, earlier: Mapping[str, Finding]) -> Finding:
+        """What the pipeline calls, with the findings of the `after` checks: `run`, unless the check needs them.
+
+        The findings come as an argument because one check object serves every message at once:
+        nothing of one message may be kept on the check.
+        """
+        return self.run(message)
 
     def finding(self, status: Status, **details) -> Finding:
         return Finding(self.name, status, self.critical, **details)
