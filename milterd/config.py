@@ -69,7 +69,7 @@ class HeadersSettings:
 
 @dataclass(frozen=True)
 class DnsSettings:
-    """The one resolver DKIM and SPF use."""
+    """The one resolver DKIM, SPF and DMARC use."""
 
     # "host" or "host:port" ("[::1]:5353" for IPv6); empty = the system resolver (/etc/resolv.conf)
     nameservers: tuple[str, ...] = ()
@@ -91,6 +91,14 @@ class SpfSettings:
 
 
 @dataclass(frozen=True)
+class DmarcSettings:
+    """DMARC for the From domain; built only when [dkim] and [spf] are both enabled (it judges their results)."""
+
+    enabled: bool = True
+    timeout: float = field(default=10.0, metadata=POSITIVE)  # seconds for the policy lookups (From and org domain)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     rules: Rules
@@ -102,6 +110,7 @@ class Config:
     dns: DnsSettings = field(default_factory=DnsSettings)
     dkim: DkimSettings = field(default_factory=DkimSettings)
     spf: SpfSettings = field(default_factory=SpfSettings)
+    dmarc: DmarcSettings = field(default_factory=DmarcSettings)
 
 
 _SECTIONS = {
@@ -113,6 +122,7 @@ _SECTIONS = {
     "dns": DnsSettings,
     "dkim": DkimSettings,
     "spf": SpfSettings,
+    "dmarc": DmarcSettings,
 }
 
 

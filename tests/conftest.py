@@ -57,8 +57,8 @@ def write_config(
 ) -> Path:
     """A milterd.toml plus rules/: the shipped banned.toml, and policy.toml with `policy` merged over it.
 
-    `dns`: the nameserver ("127.0.0.1:PORT") for DKIM and SPF; without one they are off, so no
-    test waits on a resolver that cannot answer.
+    `dns`: the nameserver ("127.0.0.1:PORT") for DKIM, SPF and DMARC; without one they are off, so
+    no test waits on a resolver that cannot answer.
     """
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "rules").mkdir(exist_ok=True)
@@ -71,7 +71,8 @@ def write_config(
     (directory / "rules" / "policy.toml").write_text(_toml(rules))
     shutil.copy(ROOT / "rules" / "banned.toml", directory / "rules" / "banned.toml")
     path = directory / "milterd.toml"
-    auth = f'[dns]\nnameservers = ["{dns}"]\n' if dns else "[dkim]\nenabled = false\n[spf]\nenabled = false\n"
+    off = "[dkim]\nenabled = false\n[spf]\nenabled = false\n[dmarc]\nenabled = false\n"
+    auth = f'[dns]\nnameservers = ["{dns}"]\n' if dns else off
     path.write_text(f'[milter]\n[clamav]\nsocket = "{clamav}"\n[spamd]\naddress = "{spamd}"\n{auth}')
     return path
 

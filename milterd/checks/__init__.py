@@ -45,6 +45,7 @@ def build_checks(config) -> list[Check]:
     from .banned import BannedCheck
     from .clamav import ClamavCheck
     from .dkim import DkimCheck
+    from .dmarc import DmarcCheck
     from .headers import HeadersCheck
     from .spamd import SpamdCheck
     from .spf import SpfCheck
@@ -64,4 +65,6 @@ def build_checks(config) -> list[Check]:
             checks.append(DkimCheck(resolver.dkim_txt, config.dkim.timeout, config.dkim.max_size))
         if config.spf.enabled:
             checks.append(SpfCheck(resolver.spf_lookup, config.spf.timeout))
+        if config.dkim.enabled and config.spf.enabled and config.dmarc.enabled:  # DMARC judges both results
+            checks.append(DmarcCheck(resolver.lookup, config.dmarc.timeout))
     return checks

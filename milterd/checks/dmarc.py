@@ -1,0 +1,301 @@
+"""DMARC (RFC 7489) for the RFC5322.From domain: its owner's policy, and whether a DKIM or SPF pass aligns with it.
+
+Results (RFC 8601 names):
+- pass: a DKIM signature that passed (its d=) or an SPF pass (its domain) is aligned with the From
+  domain: relaxed (the default), the same organizational domain; strict (adkim=s, aspf=s), the
+  same name.
+- fail: neither. `policy` is the record's p= (its sp= when the From domain is a subdomain whose
+  policy came from its organizational domain's record) and `disposition` is that policy. pct= is
+  not applied: sampling would make the same mail pass one day and be refused the next; the
+  policy is reported whole and the operator's rules decide what a fail costs.
+- none: no DMARC record at _dmarc.<From domain> nor at _dmarc.<organizational domain>, or more
+  than one where the lookup stopped (RFC 7489 6.6.3: no DMARC processing).
+- temperror: a policy lookup got no answer, or no aligned pass yet but an aligned DKIM or SPF
+  result is temperror or its check did not answer: a DNS hiccup never turns into a fail.
+- permerror: the message has no From field, several, or one naming several domains (RFC 7489
+  6.6.1 lets a receiver reject such mail; we report it); or the record has no valid p= (or an
+  invalid sp=) and no valid rua= (6.6.3 step 6; with a valid rua= it counts as p=none).
+
+When DKIM or SPF was skipped (a message over [dkim] max_size, `scan` without a client address)
+and nothing aligned passed, the check is skipped too: a fail it could not establish is not a fail.
+Not checked, as for SPF: SASL-authenticated clients and loopback (our own users and this host).
+
+Organizational domains (RFC 7489 3.2) come from the Public Suffix List that the publicsuffixlist
+package bundles, ICANN and private sections (no network): a name under an unknown TLD counts as
+being under a one-label public suffix. The record parsing and alignment are our own rather than
+the `dmarc` package's: its relaxed alignment is a suffix match (d=co.uk aligns with any
+example.co.uk, the owner of github.io with every alice.github.io), its strict parser throws the
+record away for one bad tag, and neither parser does 6.6.3's "invalid p= with a valid rua= is
+p=none".
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import ipaddress
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from email.utils import getaddresses
+from typing import BinaryIO
+
+from publicsuffixlist import PublicSuffixList
+
+from ..dns import DnsError
+from ..findings import DmarcResult, Finding
+from ..message import Message
+from ..sanitize import printable
+from . import Check
+
+HEADER_LIMIT = 256 * 1024  # bytes of the header section read to find From; a longer one is cut there
+POLICIES = ("none", "quarantine", "reject")
+
+# 6.6.3 step 2: a DMARC record starts with v=DMARC1 ("DMARC1" is case-sensitive, 6.3)
+_VERSION = re.compile(r"\s*[vV]\s*=\s*DMARC1\s*(?:;|$)")
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[^\s!,]+(?:![0-9]+[kmgtKMGT]?)?")  # 6.4 dmarc-uri
+_DOMAIN = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*")
+
+
+class FromError(ValueError):
+    """The message has no single From domain to evaluate."""
+
+
+class RecordError(ValueError):
+    """The record cannot be used: no valid p= (or an invalid sp=) and no valid rua=."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """The tags of a DMARC record that decide a result; invalid values fall back to the defaults (6.3)."""
+
+    p: str  # none, quarantine, reject
+    sp: str = ""  # "" when absent: subdomains get p
+    adkim: str = "r"  # r (relaxed) or s (strict)
+    aspf: str = "r"
+    pct: int = 100
+    note: str = ""  # a problem that was let through, for the detail
+
+
+def parse_record(text: str) -> Record:
+    """A record that passed `is_dmarc_record`; RecordError when it cannot be used at all.
+
+    Tolerant, as 6.3 asks: unknown tags and empty parts are ignored, an invalid adkim, aspf or pct
+    falls back to its default, the first of repeated tags counts.
+    """
+    tags: dict[str, str] = {}
+    for part in text.split(";")[1:]:
+        name, eq, value = part.partition("=")
+        name = name.strip().lower()
+        if eq and name:
+            tags.setdefault(name, value.strip())
+    p, sp = tags.get("p", "").lower(), tags.get("sp", "").lower()
+    adkim, aspf, pct = tags.get("adkim", "").lower(), tags.get("aspf", "").lower(), tags.get("pct", "")
+    record = Record(
+        p,
+        sp,
+        adkim if adkim in ("r", "s") else "r",
+        aspf if aspf in ("r", "s") else "r",
+        int(pct) if pct.isdigit() and int(pct) <= 100 else 100,
+    )
+    problem = ""
+    if "p" not in tags:
+        problem = "no p="
+    elif p not in POLICIES:
+        problem = f"invalid p={tags['p']}"
+    elif "sp" in tags and sp not in POLICIES:
+        problem = f"invalid sp={tags['sp']}"
+    if not problem:
+        return record
+    if not any(_URI.fullmatch(uri.strip()) for uri in tags.get("rua", "").split(",")):
+        raise RecordError(f"{problem} and no valid rua=")
+    return Record("none", "", record.adkim, record.aspf, record.pct, f"{problem} with a rua=: taken as p=none")
+
+
+def is_dmarc_record(text: str) -> bool:
+    return _VERSION.match(text) is not None
+
+
+def from_domain(message: Message) -> str:
+    """The RFC5322.From domain, lower-case, IDNA A-labels; FromError when there is not exactly one."""
+    with message.open() as stream:
+        header = _header_section(stream)
+    parsed = email.parser.HeaderParser(policy=email.policy.compat32).parsestr(
+        header.decode("utf-8", "replace"), headersonly=True
+    )
+    fields = parsed.get_all("From") or []
+    if not fields:
+        raise FromError("no From field")
+    if len(fields) > 1:
+        raise FromError(f"{len(fields)} From fields")
+    domains = {_normalise(address.rpartition("@")[2]) for _, address in getaddresses(fields) if "@" in address}
+    if not domains:
+        raise FromError("no address with a domain in From")
+    if len(domains) > 1:
+        raise FromError(f"From names {len(domains)} domains: " + ", ".join(sorted(domains)))
+    return domains.pop()
+
+
+def _header_section(stream: BinaryIO) -> bytes:
+    lines, size = [], 0
+    while size < HEADER_LIMIT:
+        line = stream.readline(HEADER_LIMIT - size)
+        if not line or line in (b"\r\n", b"\n"):
+            break
+        lines.append(line)
+        size += len(line)
+    return b"".join(lines)
+
+
+def _normalise(domain: str) -> str:
+    text = domain.strip().rstrip(".")
+    try:
+        ascii_name = text.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        raise FromError(f"{text} is not a domain name") from None
+    if len(ascii_name) > 253 or not _DOMAIN.fullmatch(ascii_name):
+        raise FromError(f"{text} is not a domain name")
+    return ascii_name
+
+
+class DmarcCheck(Check):
+    name = "dmarc"
+    after = ("dkim", "spf")
+
+    def __init__(self, lookup: Callable[..., list], timeout: float = 10.0):
+        """`lookup(name, rdtype, timeout)` as milterd.dns.Resolver.lookup: [] for no record, DnsError on failure.
+
+        `timeout` bounds the policy lookups of one message (two at most); the pipeline's deadline
+        is a second later, so a slow DNS shows as temperror, not as a check timeout.
+        """
+        self.lookup = lookup
+        self.dns_budget = timeout
+        self.timeout = timeout + 1
+        self._psl = PublicSuffixList()  # read-only after loading: shared by every thread
+
+    def org_domain(self, domain: str) -> str:
+        """RFC 7489 3.2: the public suffix plus one label; a public suffix is its own."""
+        return self._psl.privatesuffix(domain) or domain
+
+    def aligned(self, from_domain: str, domain: str, mode: str) -> bool:
+        domain = domain.lower().rstrip(".")
+        if not domain:
+            return False
+        if mode == "s":
+            return domain == from_domain
+        return self.org_domain(domain) == self.org_domain(from_domain)
+
+    def skip_reason(self, message: Message, earlier: Mapping[str, Finding]) -> str | None:
+        if message.envelope.auth_user:
+            return "SASL-authenticated client"
+        if _loopback(message.envelope.client_ip):
+            return "client on loopback"
+        return None
+
+    def run(self, message: Message) -> Finding:
+        """Outside the pipeline there are no DKIM and SPF findings: nothing aligned can be known."""
+        return self.run_after(message, {})
+
+    def run_after(self, message: Message, earlier: Mapping[str, Finding]) -> Finding:
+        try:
+            domain = from_domain(message)
+        except FromError as e:
+            return self._result("permerror", "", detail=str(e))
+        deadline = time.monotonic() + self.dns_budget
+        org = self.org_domain(domain)
+        try:
+            records, where = self._records(domain, deadline), domain
+            if not records and org != domain:
+                records, where = self._records(org, deadline), org
+        except DnsError as e:
+            return self._result("temperror", domain, detail=f"policy lookup: {e}")
+        if not records:
+            tried = f"_dmarc.{domain}" + (f" nor at _dmarc.{org}" if org != domain else "")
+            return self._result("none", domain, detail=f"no DMARC record at {tried}")
+        if len(records) > 1:
+            return self._result("none", domain, detail=f"{len(records)} DMARC records at _dmarc.{where}")
+        try:
+            record = parse_record(records[0])
+        except RecordError as e:
+            return self._result("permerror", domain, detail=f"_dmarc.{where}: {e}")
+        policy = record.sp if where != domain and record.sp else record.p
+        return self._evaluate(message, earlier, domain, record, policy)
+
+    def _evaluate(
+        self, message: Message, earlier: Mapping[str, Finding], domain: str, record: Record, policy: str
+    ) -> Finding:
+        passed: list[str] = []  # aligned identifiers that passed
+        unknown: list[str] = []  # why an aligned pass cannot be ruled out
+        transient = False
+        seen: list[str] = []  # the other results, for a fail's detail
+
+        dkim = earlier.get("dkim")
+        if dkim is None or dkim.status != "ok":
+            unknown.append(f"DKIM {dkim.status if dkim else 'not run'}")
+            transient |= dkim is not None and dkim.failed
+        else:
+            for signature in dkim.dkim:
+                if not self.aligned(domain, signature.domain, record.adkim):
+                    seen.append(f"dkim {signature.result} d={signature.domain} (not aligned)")
+                elif signature.result == "pass":
+                    passed.append(f"dkim d={signature.domain}")
+                elif signature.result == "temperror":
+                    unknown.append(f"dkim temperror d={signature.domain}")
+                    transient = True
+                else:
+                    seen.append(f"dkim {signature.result} d={signature.domain}")
+
+        spf_finding = earlier.get("spf")
+        if spf_finding is None or spf_finding.status != "ok":
+            unknown.append(f"SPF {spf_finding.status if spf_finding else 'not run'}")
+            transient |= spf_finding is not None and spf_finding.failed
+        elif (spf := spf_finding.spf) is not None:
+            # RFC 7489 3.1.2: the MAIL FROM identity; HELO only stands in for a null reverse-path,
+            # which is the one case SpfCheck checks it (postmaster@HELO, RFC 7208 2.4).
+            usable = spf.identity == "mailfrom" or not message.envelope.mail_from.strip("<> ")
+            if not (usable and self.aligned(domain, spf.domain, record.aspf)):
+                seen.append(f"spf {spf.result} {spf.domain} (not aligned)")
+            elif spf.result == "pass":
+                passed.append(f"spf {spf.domain}")
+            elif spf.result == "temperror":
+                unknown.append(f"spf temperror {spf.domain}")
+                transient = True
+            else:
+                seen.append(f"spf {spf.result} {spf.domain}")
+
+        notes = [record.note] if record.note else []
+        if record.pct < 100:
+            notes.append(f"pct={record.pct} not applied")
+        if passed:
+            return self._result("pass", domain, policy, detail="; ".join(["aligned: " + ", ".join(passed), *notes]))
+        if transient:
+            detail = "no aligned pass yet: " + ", ".join(unknown)
+            return self._result("temperror", domain, policy, detail="; ".join([detail, *notes]))
+        if unknown:
+            return self.finding("skipped", detail=printable("no aligned pass, and " + ", ".join(unknown), 200))
+        detail = "no aligned DKIM or SPF pass" + (": " + ", ".join(seen) if seen else "")
+        return self._result("fail", domain, policy, policy, detail="; ".join([detail, *notes]))
+
+    def _records(self, domain: str, deadline: float) -> list[str]:
+        """The DMARC records at _dmarc.<domain> (other TXT records there are not DMARC's)."""
+        texts = (
+            b"".join(rdata.strings).decode("utf-8", "replace")
+            for rdata in self.lookup(f"_dmarc.{domain}.", "TXT", deadline - time.monotonic())
+        )
+        return [text for text in texts if is_dmarc_record(text)]
+
+    def _result(
+        self, result: str, domain: str, policy: str = "", disposition: str = "none", detail: str = ""
+    ) -> Finding:
+        return self.finding(
+            "ok",
+            dmarc=DmarcResult(result, printable(domain, 255), policy, disposition, printable(detail, 200)),  # type: ignore[arg-type]
+        )
+
+
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
