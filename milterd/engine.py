@@ -64,6 +64,7 @@ def log_line(message: Message, findings: dict[str, Finding], verdict: Verdict) -
     ]
     auth = [f"dkim={d.result}/{d.domain or '-'}" for f in findings.values() for d in f.dkim]
     auth += [f"spf={f.spf.result}/{f.spf.domain or '-'}" for f in findings.values() if f.spf]
+    auth += [f"dmarc={f.dmarc.result}/{f.dmarc.domain or '-'}" for f in findings.values() if f.dmarc]
     if auth:  # the results, temperror included: the check's own status stays "ok" whatever DNS did
         parts[-1] += ","
         parts.append(f"auth=[{' '.join(auth)}]")

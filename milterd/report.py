@@ -27,6 +27,7 @@ def as_json(name: str, size: int, findings: dict[str, Finding], verdict: Verdict
         "reply": str(verdict.reply) if verdict.reply else None,
         "dkim": [d.to_json() for f in findings.values() for d in f.dkim],
         "spf": next((f.spf.to_json() for f in findings.values() if f.spf), {"result": None}),
+        "dmarc": next((f.dmarc.to_json() for f in findings.values() if f.dmarc), {"result": None}),
         "checks": {n: f.to_json() for n, f in findings.items()},
         "headers": [list(h) for h in verdict.headers],
         "subject_tag": verdict.subject_tag,
