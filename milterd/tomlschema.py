@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 import typing
-from dataclasses import fields, is_dataclass
+from dataclasses import MISSING, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
 
@@ -41,6 +41,9 @@ def build(cls, data: dict, path: Path, prefix: str = ""):
         kwargs[key] = _coerce(value, hints[key], path, f"{prefix}{key}")
         if fields_by_name[key].metadata.get("positive") and not _positive(kwargs[key]):
             raise ConfigError(f"{path}: {prefix}{key} must be above zero (or a list that is not empty)")
+    for name, f in fields_by_name.items():
+        if name not in kwargs and f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(f"{path}: missing key {prefix}{name}")
     return cls(**kwargs)
 
 
@@ -67,6 +70,10 @@ def _coerce(value, kind, path: Path, key: str):
         if value not in choices:
             raise wrong("one of " + ", ".join(map(repr, choices)))
         return value
+    if origin is tuple and is_dataclass(typing.get_args(kind)[0]):  # an array of tables: [[section.key]]
+        if not isinstance(value, list) or not all(isinstance(i, dict) for i in value):
+            raise wrong("an array of tables")
+        return tuple(build(typing.get_args(kind)[0], item, path, f"{key}[{i}].") for i, item in enumerate(value))
     if origin is tuple:
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
