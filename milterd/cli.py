@@ -1,4 +1,4 @@
-"""The `milterd` command: run (the milter daemon), scan (offline, same engine), check-config."""
+"""The `milterd` command: run (the milter daemon), scan (offline, same engine), check-config, dkim-keygen."""
 
 from __future__ import annotations
 
@@ -44,7 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate the config file and the rules")
     check.add_argument("--config", type=Path, help="config file (default /etc/milterd/milterd.toml)")
 
+    keygen = sub.add_parser(
+        "dkim-keygen",
+        help="make a DKIM signing key; print the DNS record to publish and the [[signing.key]] to add",
+    )
+    keygen.add_argument("domain", metavar="DOMAIN", help="the From domain to sign for")
+    keygen.add_argument("selector", metavar="SELECTOR", help="the key's name in DNS: SELECTOR._domainkey.DOMAIN")
+    keygen.add_argument("--type", choices=("rsa", "ed25519"), default="rsa", help="key type (default rsa)")
+    keygen.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
+    keygen.add_argument("--dir", type=Path, default=Path("."), help="where DOMAIN.SELECTOR.key goes (default .)")
+
     args = parser.parse_args(argv)
+    if args.command == "dkim-keygen":  # needs no configuration
+        return _keygen(args)
     try:
         config = load_config(args.config)
     except ConfigError as e:
@@ -81,6 +93,25 @@ def _run(config, args) -> int:
         return EXIT_USAGE
     finally:
         engine.close()
+    return EXIT_OK
+
+
+def _keygen(args) -> int:
+    from .dkimsign import generate_key, zone_lines
+
+    try:
+        path, record = generate_key(args.dir, args.domain, args.selector, args.type, args.bits)
+    except FileExistsError as e:
+        print(f"milterd: {e.filename} exists: not overwritten", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, OSError) as e:
+        print(f"milterd: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"# {path.resolve()}: the private key (mode 0600); keep it readable by milterd only")
+    print("# Publish in the DNS zone of " + args.domain + ":")
+    print(zone_lines(args.domain, args.selector, record))
+    print("# Add to milterd.toml:")
+    print(f'[[signing.key]]\ndomain = "{args.domain}"\nselector = "{args.selector}"\nkey = "{path.resolve()}"')
     return EXIT_OK
 
 

@@ -11,6 +11,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .dkimsign import Signer, SigningSettings, build_signer
 from .dns import parse_nameserver
 from .mime import Limits
 from .rules import Rules, load_rules
@@ -103,6 +104,8 @@ class Config:
     path: Path | None
     rules: Rules
     milter: MilterSettings = field(default_factory=MilterSettings)
+    signing: SigningSettings = field(default_factory=SigningSettings)
+    signer: Signer | None = None  # built from [signing] when enabled: its keys read and checked
     clamav: ClamavSettings = field(default_factory=ClamavSettings)
     spamd: SpamdSettings = field(default_factory=SpamdSettings)
     banned: BannedSettings = field(default_factory=BannedSettings)
@@ -115,6 +118,7 @@ class Config:
 
 _SECTIONS = {
     "milter": MilterSettings,
+    "signing": SigningSettings,
     "clamav": ClamavSettings,
     "spamd": SpamdSettings,
     "banned": BannedSettings,
@@ -150,7 +154,8 @@ def load_config(path: Path | None = None) -> Config:
             parse_nameserver(nameserver)
         except ValueError as e:
             raise ConfigError(f"{path}: dns.nameservers: {e}") from None
+    signer = build_signer(sections["signing"], path)
     rules_dir = path.parent / sections["milter"].rules
     if not rules_dir.is_dir():
         raise ConfigError(f"{path}: milter.rules: {rules_dir} is not a directory")
-    return Config(path=path, rules=load_rules(rules_dir), **sections)
+    return Config(path=path, rules=load_rules(rules_dir), signer=signer, **sections)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -29,6 +30,34 @@ class Envelope:
     queue_id: str = ""
     auth_user: str = ""  # Postfix {auth_authen}: SASL login name
     daemon_name: str = ""  # Postfix {daemon_name}
+
+
+_CRLF = re.compile(r"\r?\n")
+
+
+def split_header_section(raw: bytes) -> tuple[list[tuple[str, str]], bytes]:
+    """A spooled message as (headers, body): the headers as the milter got them, (name, value)
+    with LF-folded values (milter.py writes each as `Name: value` CRLF, its folds as CRLF)."""
+    if raw.startswith(b"\r\n"):
+        return [], raw[2:]
+    end = raw.find(b"\r\n\r\n")
+    head, body = (raw, b"") if end < 0 else (raw[: end + 2], raw[end + 4 :])
+    headers: list[tuple[str, str]] = []
+    for line in head.decode("utf-8", "surrogateescape").split("\r\n")[:-1]:
+        if line[:1] in (" ", "\t") and headers:
+            headers[-1] = (headers[-1][0], headers[-1][1] + "\n" + line)
+        else:
+            name, _, value = line.partition(":")
+            headers.append((name, value.removeprefix(" ")))
+    return headers, body
+
+
+def header_section(headers: list[tuple[str, str]]) -> bytes:
+    """The wire form of (name, value) headers with LF- or CRLF-folded values, blank line excluded."""
+    return b"".join(
+        f"{name}: {_CRLF.sub(chr(13) + chr(10), value)}\r\n".encode("utf-8", "surrogateescape")
+        for name, value in headers
+    )
 
 
 class Spool:

@@ -19,7 +19,7 @@ import Milter
 from . import actions
 from .authresults import claims_our_id
 from .engine import Engine
-from .message import Envelope, Message, Spool
+from .message import Envelope, Message, Spool, header_section, split_header_section
 from .policy import Policy
 
 log = logging.getLogger("milterd")
@@ -140,8 +140,11 @@ class Session(Milter.Base):
         )
         message = Message(envelope, self.spool)
         try:
-            _, verdict = self.engine.evaluate(message, self.policy)
-            return actions.apply(self, verdict, self.header_names, self.subject, self.forged_results)
+            findings, verdict = self.engine.evaluate(message, self.policy)
+            edits = actions.header_edits(verdict, self.header_names, self.subject, self.forged_results)
+            if verdict.action == "accept":
+                edits += actions.on_top(self._signatures(message, findings, verdict.categories, edits))
+            return actions.apply(self, verdict, edits)
         except Exception as e:  # never lose a message to a bug: the sender retries
             log.error(
                 "%s: internal error, tempfail: %s: %s",
@@ -155,6 +158,30 @@ class Session(Milter.Base):
         finally:
             self._new_transaction(None)
 
+    def _signatures(self, message: Message, findings, categories, edits) -> list[tuple[str, str]]:
+        """DKIM-Signature headers for originating mail, over the message as it will leave: our
+        header edits made, the spooled body. A signing failure delivers the message unsigned."""
+        signer = self.engine.config.signer
+        envelope = message.envelope
+        if signer is None or not signer.wants(envelope, categories):
+            return []
+        queue_id = envelope.queue_id or "NOQUEUE"
+        if message.size > signer.max_size:
+            log.info("%s: not DKIM-signed: larger than signing.max_size (%d bytes)", queue_id, message.size)
+            return []
+        signed_by = {d.domain.lower() for f in findings.values() for d in f.dkim if d.result == "pass"}
+        try:
+            with message.open() as stream:
+                headers, body = split_header_section(stream.read())
+            outgoing = header_section(actions.edited(headers, edits)) + b"\r\n" + body
+            signatures = signer.sign(outgoing, skip_domains=signed_by)
+        except Exception as e:
+            log.error("%s: not DKIM-signed: %s: %s", queue_id, type(e).__name__, e, exc_info=True)
+            return []
+        if signatures:
+            log.info("%s: DKIM-signed: %s", queue_id, ", ".join(_signature_tags(v) for _, v in signatures))
+        return signatures
+
     def abort(self):
         self._new_transaction(None)
         return Milter.CONTINUE
@@ -162,6 +189,12 @@ class Session(Milter.Base):
     def close(self):
         self._new_transaction(None)
         return Milter.CONTINUE
+
+
+def _signature_tags(value: str) -> str:
+    """d=, s= and a= of a DKIM-Signature value, for the log."""
+    tags = dict(t.strip().partition("=")[::2] for t in value.split(";"))
+    return f"d={tags.get('d', '')} s={tags.get('s', '')} a={tags.get('a', '')}"
 
 
 def serve(engine: Engine) -> None:
