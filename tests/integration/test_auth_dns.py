@@ -191,7 +191,7 @@ def test_scan_json_carries_dkim_spf_and_the_authentication_results_header(namese
     assert record["checks"]["dkim"]["status"] == record["checks"]["spf"]["status"] == "ok"
     [authentication] = [value for name, value in record["headers"] if name == "Authentication-Results"]
     assert f"dkim=pass header.d={SIGNER}" in authentication and "spf=pass" in authentication
-    assert f"auth=[dkim=pass/{SIGNER} spf=pass/{spf_domain('pass')}]" in log
+    assert f"auth=[dkim=pass/{SIGNER} spf=pass/{spf_domain('pass')} dmarc=none/{spf_domain('pass')}]" in log
 
 
 def test_scan_with_a_dead_resolver_costs_the_dns_timeout_and_says_temperror(tmp_path):
@@ -208,4 +208,5 @@ def test_scan_with_a_dead_resolver_costs_the_dns_timeout_and_says_temperror(tmp_
     assert [d["result"] for d in record["dkim"]] == ["temperror"] and record["spf"]["result"] == "temperror"
     assert record["category"] == "CLEAN" and record["action"] == "accept"
     assert record["checks"]["dkim"]["time_ms"] < 1500 and record["checks"]["spf"]["time_ms"] < 1500
-    assert f"auth=[dkim=temperror/{SIGNER} spf=temperror/{spf_domain('pass')}]" in log
+    sender = spf_domain("pass")
+    assert f"auth=[dkim=temperror/{SIGNER} spf=temperror/{sender} dmarc=temperror/{sender}]" in log
