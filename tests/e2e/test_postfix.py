@@ -53,8 +53,7 @@ def mta(tmp_path_factory, clamd, spamd):
     )
     yield postfix, milterds
     postfix.stop()
-    for m in milterds.values():
-        stop_milterd(m)
+    stop_milterd(*milterds.values())
 
 
 def new_token() -> bytes:
