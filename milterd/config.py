@@ -100,6 +100,34 @@ class DmarcSettings:
 
 
 @dataclass(frozen=True)
+class PyzorSettings:
+    """Pyzor digests checked against its servers; off by default, as it asks an outside server."""
+
+    enabled: bool = False
+    servers: tuple[str, ...] = field(default=("public.pyzor.org:24441",), metadata=POSITIVE)  # HOST:PORT
+    timeout: float = field(default=5.0, metadata=POSITIVE)
+
+
+@dataclass(frozen=True)
+class RazorSettings:
+    """Razor through Debian's razor-check; off by default, as it asks outside servers."""
+
+    enabled: bool = False
+    command: str = "razor-check"
+    homedir: str = ""  # razor's -home (its identity and server list); "" = the running user's ~/.razor
+    timeout: float = field(default=5.0, metadata=POSITIVE)
+
+
+@dataclass(frozen=True)
+class DccSettings:
+    """DCC through the dccifd daemon's socket; off by default, as dccifd asks outside servers."""
+
+    enabled: bool = False
+    socket: str = "/var/lib/dcc/dccifd"
+    timeout: float = field(default=5.0, metadata=POSITIVE)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     rules: Rules
@@ -114,6 +142,9 @@ class Config:
     dkim: DkimSettings = field(default_factory=DkimSettings)
     spf: SpfSettings = field(default_factory=SpfSettings)
     dmarc: DmarcSettings = field(default_factory=DmarcSettings)
+    pyzor: PyzorSettings = field(default_factory=PyzorSettings)
+    razor: RazorSettings = field(default_factory=RazorSettings)
+    dcc: DccSettings = field(default_factory=DccSettings)
 
 
 _SECTIONS = {
@@ -127,6 +158,9 @@ _SECTIONS = {
     "dkim": DkimSettings,
     "spf": SpfSettings,
     "dmarc": DmarcSettings,
+    "pyzor": PyzorSettings,
+    "razor": RazorSettings,
+    "dcc": DccSettings,
 }
 
 

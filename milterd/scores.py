@@ -48,7 +48,14 @@ TESTS: dict[str, dict[str, tuple[str, float]]] = {
         "missing": ("DMARC_MISSING", 0.001),  # no DMARC record
     },
 }
-KNOWN = (*TESTS, "dkim_domains")
+# Thresholds and points of the collaborative checks (SpamAssassin's defaults and network scores);
+# each check reads its own table: table -> key -> default
+COLLABORATIVE: dict[str, dict[str, float]] = {
+    "pyzor": {"count_min": 5, "whitelist_min": 10, "whitelist_factor": 0.2, "points": 1.985},  # PYZOR_CHECK
+    "razor": {"points": 1.729, "cf_min": 51, "cf_points": 2.430},  # RAZOR2_CHECK, RAZOR2_CF_RANGE_51_100
+    "dcc": {"body_max": 999999, "fuz1_max": 999999, "fuz2_max": 999999, "points": 1.1},  # DCC_CHECK
+}
+KNOWN = (*TESTS, *COLLABORATIVE, "dkim_domains")
 
 
 @dataclass(frozen=True)
@@ -58,11 +65,15 @@ class Scores:
     )
     # a passing signature from one of these domains adds these points (amavis' whitelist_auth habit)
     dkim_domains: Mapping[str, float] = field(default_factory=dict)
+    collaborative: Mapping[str, Mapping[str, float]] = field(
+        default_factory=lambda: {table: dict(keys) for table, keys in COLLABORATIVE.items()}
+    )
 
 
 def parse_scores(data: dict, path: Path) -> Scores:
     """rules/scores.toml: any of the tables above, each key a number; what is missing keeps its default."""
-    points = dict(Scores().points)
+    defaults = Scores()
+    points, collaborative = dict(defaults.points), {t: dict(keys) for t, keys in defaults.collaborative.items()}
     domains = {}
     for table, values in data.items():
         if table not in KNOWN:
@@ -74,11 +85,16 @@ def parse_scores(data: dict, path: Path) -> Scores:
                 raise ConfigError(f"{path}: {table}.{key} must be a number, not {value!r}")
             if table == "dkim_domains":
                 domains[key.lower().rstrip(".")] = float(value)
+            elif table in COLLABORATIVE:
+                if key not in COLLABORATIVE[table]:
+                    known = ", ".join(COLLABORATIVE[table])
+                    raise ConfigError(f"{path}: unknown key {table}.{key} (known: {known})")
+                collaborative[table][key] = float(value)
             elif key not in TESTS[table]:
                 raise ConfigError(f"{path}: unknown key {table}.{key} (known: {', '.join(TESTS[table])})")
             else:
                 points[table, key] = float(value)
-    return Scores(points, domains)
+    return Scores(points, domains, collaborative)
 
 
 def authentication_points(findings: Mapping[str, Finding], scores: Scores) -> Finding | None:
