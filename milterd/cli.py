@@ -1,4 +1,4 @@
-"""The `milterd` command: run (the milter daemon), scan (offline, same engine), check-config, dkim-keygen."""
+"""The `milterd` command: run (the milter daemon), scan (offline, same engine), report, check-config, dkim-keygen."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import logging.handlers
 import os
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -41,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     scan.add_argument("-v", "--verbose", action="store_true", help="log one line per message to stderr")
     scan.add_argument("paths", nargs="+", type=Path, metavar="PATH")
 
+    rep = sub.add_parser("report", help="report messages as spam or ham to the collaborative checks' servers")
+    rep.add_argument("--config", type=Path, help="config file (default /etc/milterd/milterd.toml)")
+    kind = rep.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--spam", action="store_true", help="the messages are spam (pyzor report)")
+    kind.add_argument("--ham", action="store_true", help="the messages are not spam (pyzor whitelist)")
+    rep.add_argument("paths", nargs="+", type=Path, metavar="PATH", help=".eml files, mboxes or Maildirs")
+
     check = sub.add_parser("check-config", help="validate the config file and the rules")
     check.add_argument("--config", type=Path, help="config file (default /etc/milterd/milterd.toml)")
 
@@ -67,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "scan":
         return _scan(config, args)
+    if args.command == "report":
+        return _report(config, args)
     return _run(config, args)
 
 
@@ -94,6 +104,54 @@ def _run(config, args) -> int:
     finally:
         engine.close()
     return EXIT_OK
+
+
+# A reporter: (raw message, is spam) -> its failures, one line each; empty when every server took it.
+Reporter = Callable[[bytes, bool], list[str]]
+
+
+def _reporters(config) -> list[tuple[str, Reporter]]:
+    """Whom `milterd report` tells: every enabled collaborative check that takes reports."""
+    reporters: list[tuple[str, Reporter]] = []
+    if config.pyzor.enabled:
+        from .checks import pyzor
+
+        settings = config.pyzor
+        reporters.append(("pyzor", lambda raw, spam: pyzor.report(raw, settings.servers, settings.timeout, spam=spam)))
+    # Razor (razor-report / razor-revoke) goes here.
+    return reporters
+
+
+def _report(config, args) -> int:
+    reporters = _reporters(config)
+    if not reporters:
+        print("milterd: report: no collaborative check that takes reports is enabled", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        items = [item for path in args.paths for item in sources.items(path)]
+    except (sources.SourceError, OSError) as e:
+        print(f"milterd: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    what = "spam" if args.spam else "ham"
+    failed = False
+    for item in items:
+        try:
+            with item.open() as stream:
+                raw = stream.read()
+        except OSError as e:
+            print(f"milterd: {item.name}: {e}", file=sys.stderr)
+            failed = True
+            continue
+        for name, reporter in reporters:
+            try:
+                failures = reporter(raw, args.spam)
+            except Exception as e:  # one reporter's bug must not stop the others
+                failures = [f"{type(e).__name__}: {e}"]
+            for failure in failures:
+                print(f"milterd: {item.name}: {name}: {failure}", file=sys.stderr)
+            failed |= bool(failures)
+            print(f"{item.name}: {name}: {'not ' if failures else ''}reported as {what}")
+    return 1 if failed else EXIT_OK  # 1: some server did not take some message
 
 
 def _keygen(args) -> int:

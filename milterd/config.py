@@ -106,6 +106,7 @@ class PyzorSettings:
     enabled: bool = False
     servers: tuple[str, ...] = field(default=("public.pyzor.org:24441",), metadata=POSITIVE)  # HOST:PORT
     timeout: float = field(default=5.0, metadata=POSITIVE)
+    max_size: int = field(default=512000, metadata=POSITIVE)  # larger ones are not digested (spamc's limit)
 
 
 @dataclass(frozen=True)

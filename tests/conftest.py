@@ -140,3 +140,11 @@ def dns(daemon_dir):
     server = start_dns(daemon_dir / "dns")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def pyzord(daemon_dir):
+    """A private pyzord (UDP, gdbm); anonymous may report and whitelist. Its usage log counts requests."""
+    server = daemons.start_pyzord(daemon_dir / "pyzord")
+    yield server
+    server.stop()

@@ -1,4 +1,4 @@
-"""Start real clamd, spamd and Postfix instances privately on loopback.
+"""Start real clamd, spamd, pyzord and Postfix instances privately on loopback.
 
 Used by the integration and end-to-end tests, the ``make run`` dev script and the
 benchmark, so that every one of them talks to the same real daemons the production
@@ -50,6 +50,8 @@ __all__ = [
     "start_clamd",
     "Spamd",
     "start_spamd",
+    "Pyzord",
+    "start_pyzord",
     "Postfix",
     "start_postfix",
     "stop_all",
@@ -588,6 +590,97 @@ def start_spamd(workdir: Path, timeout: float = 60, children: int = 2, user: str
     d = Spamd(port=port, pid=pid, log=log, siteconfig=sa, proc=proc, out=out)._register()
     try:
         _wait(lambda: _spamd_ping(port), f"spamd PING on 127.0.0.1:{port}", timeout, proc, [log, out])
+    except BaseException:
+        d.stop()
+        raise
+    return d
+
+
+# --------------------------------------------------------------------------- pyzord
+
+PYZORD = "/usr/bin/pyzord"
+PYZOR = "/usr/bin/pyzor"
+
+
+def _udp_bound(port: int) -> bool:
+    """True if a UDP socket is bound to port on 127.0.0.1 (per /proc/net/udp)."""
+    want = f"0100007F:{port:04X}"
+    with open("/proc/net/udp") as f:
+        return any(line.split()[1] == want for line in list(f)[1:])
+
+
+@dataclass(frozen=True)
+class Pyzord(_Managed):
+    """A private pyzord on UDP 127.0.0.1:port (gdbm database), anonymous users may do everything.
+
+    ``usage_log`` gets one line per request (``anonymous,127.0.0.1,check,[digest],200``), so
+    tests can count what reached the server; ``client_home`` is a pyzor client homedir whose
+    ``servers`` file names this server (``pyzor --homedir client_home check < msg``).
+    """
+
+    port: int
+    pid: int
+    log: Path
+    usage_log: Path
+    client_home: Path
+    proc: subprocess.Popen = field(repr=False, compare=False)
+    out: Path = field(repr=False)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def requests(self, op: str | None = None) -> list[str]:
+        """The usage log's lines, optionally only those of one operation (check, report, whitelist, ping)."""
+        try:
+            lines = self.usage_log.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        return [line for line in lines if op is None or f",{op}," in line]
+
+
+def _pyzor_ping(client_home: Path) -> bool:
+    rc = subprocess.run(
+        [PYZOR, "--homedir", str(client_home), "-t", "1", "ping"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=10,
+    ).returncode
+    return rc == 0
+
+
+def start_pyzord(workdir: Path, timeout: float = 30) -> Pyzord:
+    """Start Debian's pyzord (needs python3-gdbm) on a free port; returns once a real `pyzor ping` answers.
+
+    The access file lets the anonymous user whitelist too (pyzord's default ACL does not), so
+    tests can report ham without accounts. UDP: a free TCP port number is taken as the UDP one
+    (small race accepted, as for the TCP daemons).
+    """
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    home, client_home = workdir / "home", workdir / "client"
+    home.mkdir(exist_ok=True)
+    client_home.mkdir(exist_ok=True)
+    port = free_port()
+    (home / "access").write_text("all : anonymous : allow\n")
+    (client_home / "servers").write_text(f"127.0.0.1:{port}\n")
+    log, usage = workdir / "pyzord.log", workdir / "pyzord-usage.log"
+    argv = [
+        PYZORD,
+        "--homedir", str(home),
+        "-a", "127.0.0.1",
+        "-p", str(port),
+        "-e", "gdbm",
+        "--dsn", str(workdir / "pyzord.db"),
+        "--access-file", str(home / "access"),
+        "--log-file", str(log),
+        "--usage-log-file", str(usage),
+    ]  # fmt: skip
+    proc, pid, out = _spawn(argv, workdir, "pyzord")
+    d = Pyzord(port=port, pid=pid, log=log, usage_log=usage, client_home=client_home, proc=proc, out=out)._register()
+    try:
+        _wait(lambda: _udp_bound(port) and _pyzor_ping(client_home), "a pyzor ping answer", timeout, proc, [log, out])
     except BaseException:
         d.stop()
         raise

@@ -67,4 +67,9 @@ def build_checks(config) -> list[Check]:
             checks.append(SpfCheck(resolver.spf_lookup, config.spf.timeout))
         if config.dkim.enabled and config.spf.enabled and config.dmarc.enabled:  # DMARC judges both results
             checks.append(DmarcCheck(resolver.lookup, config.dmarc.timeout))
+    if config.pyzor.enabled:
+        from .pyzor import PyzorCheck  # imports pyzor only when it is used
+
+        pyzor, scoring = config.pyzor, config.rules.scores.collaborative["pyzor"]
+        checks.append(PyzorCheck(pyzor.servers, pyzor.timeout, pyzor.max_size, scoring))
     return checks

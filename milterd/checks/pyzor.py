@@ -1,0 +1,191 @@
+"""Pyzor: the message's digest looked up on the Pyzor servers, scored as SpamAssassin's Pyzor plugin does.
+
+The digest is pyzor's own (`pyzor.digest.DataDigester`), so it matches what `pyzor report` sent.
+The servers are asked in order until one answers; answers are cached for a minute, so a burst
+of the same spam asks once. Not critical: a server that does not answer only adds nothing.
+"""
+
+from __future__ import annotations
+
+import email
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import pyzor
+import pyzor.client
+import pyzor.digest
+
+from ..cache import TtlCache
+from ..findings import Finding
+from ..message import Message
+from ..sanitize import printable
+from . import Check
+
+TEST = "PYZOR_CHECK"
+CACHE_TTL = 60.0  # seconds an answer is reused
+CACHE_ENTRIES = 10_000
+# SpamAssassin ignores counts this large: they come from digests of near-empty bodies.
+COUNT_LIMIT, WL_COUNT_LIMIT = 1_000_000, 10_000
+
+
+@dataclass(frozen=True)
+class Counts:
+    """One server's answer for one digest."""
+
+    count: int  # times reported as spam
+    wl_count: int  # times whitelisted
+    server: str
+
+
+class PyzorError(Exception):
+    """The server answered, but not with counts."""
+
+
+# query(digest, (host, port), timeout) -> (count, wl_count); raises pyzor.TimeoutError,
+# pyzor.CommError (unreachable, refused) or PyzorError
+Query = Callable[[str, tuple[str, int], float], tuple[int, int]]
+
+
+def digest(raw: bytes) -> str:
+    """The message's Pyzor digest, exactly as `pyzor check` and `pyzor report` compute it."""
+    return pyzor.digest.DataDigester(email.message_from_bytes(raw)).value
+
+
+class _Client(pyzor.client.Client):
+    """pyzor's client on a connected UDP socket.
+
+    pyzor sends with sendto on an unconnected socket, where Linux drops the ICMP "port
+    unreachable" of a server that is down: every dead server then costs the whole timeout. On a
+    connected socket the read fails at once (ECONNREFUSED), and only the server can answer.
+    """
+
+    @staticmethod
+    def _send(msg, addr):
+        data = msg.as_string().encode("utf8")
+        for af, socktype, proto, _, sa in socket.getaddrinfo(
+            addr[0], addr[1], 0, socket.SOCK_DGRAM, socket.IPPROTO_UDP
+        ):
+            sock = socket.socket(af, socktype, proto)
+            try:
+                sock.connect(sa)
+                sock.send(data)
+            except OSError:
+                sock.close()
+                continue
+            return sock
+        raise pyzor.CommError(f"unable to send to {addr[0]}:{addr[1]}")
+
+
+def pyzor_query(digest: str, address: tuple[str, int], timeout: float) -> tuple[int, int]:
+    """A real Pyzor CHECK over UDP, anonymous, as the pyzor command sends it."""
+    response = _Client(timeout=timeout).check(digest, address)
+    if not response.is_ok():
+        raise PyzorError(f"code {response.get_code()}: {response.get_diag()}")
+    try:
+        return int(response["Count"]), int(response["WL-Count"])
+    except (KeyError, TypeError, ValueError):
+        raise PyzorError("answer without Count and WL-Count") from None
+
+
+def parse_server(server: str) -> tuple[str, int]:
+    """HOST:PORT or [V6]:PORT."""
+    host, _, port = server.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def is_hit(count: int, wl_count: int, scoring: Mapping[str, float]) -> bool:
+    """SpamAssassin's Pyzor rule (Plugin/Pyzor.pm, check_pyzor): reported at least `count_min` times
+    and not whitelisted, where whitelisted means at least `whitelist_min` whitelistings and at least
+    `whitelist_factor` times the spam count of them."""
+    if count >= COUNT_LIMIT or wl_count >= WL_COUNT_LIMIT:
+        return False
+    wl_limit = count * scoring["whitelist_factor"] if wl_count >= scoring["whitelist_min"] else 0
+    if wl_limit and wl_count >= wl_limit:
+        return False
+    return count >= scoring["count_min"]
+
+
+class PyzorCheck(Check):
+    name = "pyzor"
+    critical = False
+
+    def __init__(
+        self,
+        servers: Sequence[str],
+        timeout: float,
+        max_size: int,
+        scoring: Mapping[str, float],
+        query: Query = pyzor_query,
+        cache: TtlCache[Counts] | None = None,
+    ):
+        self.servers = tuple(servers)
+        self.timeout = timeout
+        self.max_size = max_size
+        self.scoring = dict(scoring)
+        self.query = query
+        self.cache: TtlCache[Counts] = cache if cache is not None else TtlCache(CACHE_TTL, CACHE_ENTRIES)
+
+    def run(self, message: Message) -> Finding:
+        deadline = time.monotonic() + self.timeout
+        if message.size > self.max_size:  # as spamc would not have given it to SpamAssassin's Pyzor plugin
+            return self.finding("skipped", detail=f"message of {message.size} bytes is over max_size {self.max_size}")
+        with message.open() as stream:
+            raw = stream.read()
+        try:
+            key = digest(raw)
+        except Exception as e:  # pyzor walks any MIME it is given; a malformed one must not escape
+            return self.finding("error", detail=printable(f"digest: {e}", 300))
+        counts = self.cache.get(key)
+        cached = counts is not None
+        if counts is None:
+            counts, failure = self._ask(key, deadline)
+            if counts is None:
+                return failure
+            self.cache.put(key, counts)
+        detail = f"count {counts.count}, whitelisted {counts.wl_count} ({counts.server}{', cached' if cached else ''})"
+        if is_hit(counts.count, counts.wl_count, self.scoring):
+            points = self.scoring["points"]
+            return self.finding("ok", spam_score=points, spam_tests=((TEST, points),), detail=detail)
+        return self.finding("ok", detail=detail)
+
+    def _ask(self, key: str, deadline: float) -> tuple[Counts | None, Finding]:
+        """The first server's answer that comes within the deadline, or the finding that says why none did."""
+        failures, timeouts = [], 0
+        for i, server in enumerate(self.servers):
+            # A share of what is left, so a server that is down cannot eat the next one's turn.
+            left = (deadline - time.monotonic()) / (len(self.servers) - i)
+            if left <= 0:
+                failures.append(f"{server}: not asked, no time left")
+                timeouts += 1
+                continue
+            try:
+                count, wl_count = self.query(key, parse_server(server), left)
+            except pyzor.TimeoutError:
+                failures.append(f"{server}: no answer in {left:.2g} s")
+                timeouts += 1
+                continue
+            except (pyzor.CommError, PyzorError, OSError, ValueError) as e:
+                failures.append(f"{server}: {e}")
+                continue
+            return Counts(count, wl_count, server), self.finding("ok")
+        status = "timeout" if failures and timeouts == len(failures) else "unavailable"
+        return None, self.finding(status, detail=printable("; ".join(failures) or "no servers", 500))
+
+
+def report(raw: bytes, servers: Sequence[str], timeout: float, *, spam: bool) -> list[str]:
+    """Tell every server the message is spam (pyzor's report) or ham (its whitelist); the failures, one per server."""
+    key = digest(raw)
+    client = _Client(timeout=timeout)
+    failures = []
+    for server in servers:
+        try:
+            address = parse_server(server)
+            response = client.report(key, address) if spam else client.whitelist(key, address)
+        except (pyzor.CommError, OSError, ValueError) as e:
+            failures.append(printable(f"{server}: {e}"))
+            continue
+        if not response.is_ok():
+            failures.append(printable(f"{server}: code {response.get_code()}: {response.get_diag()}"))
+    return failures
