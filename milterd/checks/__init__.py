@@ -47,6 +47,7 @@ def build_checks(config) -> list[Check]:
     from .dkim import DkimCheck
     from .dmarc import DmarcCheck
     from .headers import HeadersCheck
+    from .razor import RazorCheck
     from .spamd import SpamdCheck
     from .spf import SpfCheck
 
@@ -72,4 +73,7 @@ def build_checks(config) -> list[Check]:
 
         pyzor, scoring = config.pyzor, config.rules.scores.collaborative["pyzor"]
         checks.append(PyzorCheck(pyzor.servers, pyzor.timeout, pyzor.max_size, scoring))
+    if config.razor.enabled:
+        razor, scoring = config.razor, config.rules.scores.collaborative["razor"]
+        checks.append(RazorCheck(razor.command, razor.homedir, razor.timeout, scoring))
     return checks
