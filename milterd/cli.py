@@ -118,7 +118,11 @@ def _reporters(config) -> list[tuple[str, Reporter]]:
 
         settings = config.pyzor
         reporters.append(("pyzor", lambda raw, spam: pyzor.report(raw, settings.servers, settings.timeout, spam=spam)))
-    # Razor (razor-report / razor-revoke) goes here.
+    if config.razor.enabled:
+        from .checks import razor
+
+        rz = config.razor
+        reporters.append(("razor", lambda raw, spam: razor.report(raw, rz.command, rz.homedir, rz.timeout, spam=spam)))
     return reporters
 
 
