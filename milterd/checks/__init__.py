@@ -76,4 +76,8 @@ def build_checks(config) -> list[Check]:
     if config.razor.enabled:
         razor, scoring = config.razor, config.rules.scores.collaborative["razor"]
         checks.append(RazorCheck(razor.command, razor.homedir, razor.timeout, scoring))
+    if config.dcc.enabled:
+        from .dcc import DccCheck
+
+        checks.append(DccCheck(config.dcc.socket, config.dcc.timeout, config.rules.scores.collaborative["dcc"]))
     return checks
