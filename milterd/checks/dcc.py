@@ -105,7 +105,11 @@ def is_hit(reply: DccReply, scoring: Mapping[str, float]) -> bool:
 
 def _field(text: str) -> bytes:
     """One protocol field: a CR or LF inside would split its line (a CR separates the client's name)."""
-    return _LINE_BREAKS.sub("", text).encode("utf-8", "surrogateescape")
+    text = _LINE_BREAKS.sub("", text)
+    try:
+        return text.encode("utf-8", "surrogateescape")  # the bytes the MTA gave, as milter.py decoded them
+    except UnicodeEncodeError:  # a surrogate that no decoding made: nothing to restore
+        return text.encode("utf-8", "replace")
 
 
 def request_head(message: Message, *, query: bool = False) -> bytes:

@@ -93,3 +93,9 @@ def test_built_when_enabled_with_the_scores_tables_thresholds():
     config = dataclasses.replace(config, dcc=DccSettings(enabled=True, socket="/run/dccifd", timeout=2.0))
     (check,) = [c for c in build_checks(config) if isinstance(c, DccCheck)]
     assert (check.socket_path, check.timeout, check.scoring) == ("/run/dccifd", 2.0, SCORING)
+
+
+def test_request_head_survives_any_string():
+    envelope = Envelope(mail_from="caf\udce9@b.test", rcpts=("\ud800@y.test",), helo="h")
+    head = request_head(Message(envelope, Spool()))
+    assert b"<caf\xe9@b.test>\n<?@y.test>\n\n" in head
