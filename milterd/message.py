@@ -6,6 +6,7 @@ grow with message size or with the number of checks.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -155,6 +156,14 @@ class Message:
 
     def open(self) -> BinaryIO:
         return self.spool.reader()
+
+    def sha256(self) -> str:
+        """The message's digest: the key of the collaborative checks' result caches."""
+        digest = hashlib.sha256()
+        with self.open() as stream:
+            while chunk := stream.read(CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
 
     def inspect(self, limits: Limits) -> Inspection:
         from .mime import inspect  # mime reads Messages: imported here, not at the top, to avoid a cycle

@@ -12,7 +12,6 @@ does not answer, the check only adds nothing.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import socket
 import time
@@ -156,7 +155,7 @@ class DccCheck(Check):
 
     def run(self, message: Message) -> Finding:
         deadline = time.monotonic() + self.timeout
-        key = _sha256(message)
+        key = message.sha256()
         reply = self.cache.get(key)
         cached = reply is not None
         if reply is None:
@@ -189,14 +188,6 @@ class DccCheck(Check):
 
 def _shown(count: int) -> str:
     return "many" if count >= MANY else str(count)
-
-
-def _sha256(message: Message) -> str:
-    digest = hashlib.sha256()
-    with message.open() as stream:
-        while chunk := stream.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _connect(path: str, timeout: float) -> socket.socket:

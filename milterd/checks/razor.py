@@ -13,7 +13,6 @@ message's SHA-256. Not critical: a Razor that does not answer only adds nothing.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
@@ -164,14 +163,6 @@ def report(raw: bytes, command: str, homedir: str, timeout: float, *, spam: bool
     return [printable(f"{os.path.basename(tool)} exit {returncode}: {why}", 300)]
 
 
-def message_key(message: Message) -> str:
-    sha = hashlib.sha256()
-    with message.open() as stream:
-        while chunk := stream.read(CHUNK):
-            sha.update(chunk)
-    return sha.hexdigest()
-
-
 class RazorCheck(Check):
     name = "razor"
     critical = False
@@ -190,7 +181,7 @@ class RazorCheck(Check):
         self.cache: TtlCache[Answer] = cache if cache is not None else TtlCache(CACHE_TTL, CACHE_ENTRIES)
 
     def run(self, message: Message) -> Finding:
-        key = message_key(message)
+        key = message.sha256()
         answer = self.cache.get(key)
         cached = answer is not None
         if answer is None:
