@@ -36,6 +36,12 @@ from libarchive.read import ArchiveRead
 
 LARGE = 1024 * 1024  # the milter's default spool_threshold: past it a message is on disk
 _large_walks = threading.Lock()
+# A walk is Python under the GIL: two at a time keep both cores busy, and more would only hold
+# more parsed messages in memory at once (make bench, c=50: peak RSS 108 MB with 32 walks, 62 without).
+_walk_slots = threading.BoundedSemaphore(2)
+# A walk frees what it parsed, but glibc keeps the freed heap; handing it back after each walk keeps
+# the peak flat under load (c=50: 90 -> 80 MB) for ~3 us. Without glibc there is nothing to do.
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", lambda pad: 0)
 MAGIC_HANDLES = 4  # libmagic runs without the GIL: a few handles keep the cores busy
 HEAD = 64 * 1024  # what libmagic sees of each file: enough for ISO 9660's signature at 32 KiB
 BLOCK = 64 * 1024
@@ -158,12 +164,16 @@ class _TooDeep(Exception):
 def inspect(message, limits: Limits = Limits()) -> Inspection:
     """Every file in `message` (a milterd.message.Message) with its types; never raises.
 
-    Messages spooled to disk are walked one at a time, so concurrent large mail cannot add up in memory.
+    At most two messages are walked at once, and messages spooled to disk one at a time, so
+    concurrent mail cannot add up in memory; the heap is trimmed after each walk.
     """
     if message.size > limits.max_size:
         return Inspection((), (f"message: larger than max_size ({message.size} > {limits.max_size} bytes)",), ())
-    with _large_walks if message.size > LARGE else contextlib.nullcontext():
-        return _inspect(message, limits)
+    with _large_walks if message.size > LARGE else contextlib.nullcontext(), _walk_slots:
+        try:
+            return _inspect(message, limits)
+        finally:
+            _malloc_trim(0)
 
 
 def _inspect(message, limits: Limits) -> Inspection:
