@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import ipaddress
 import os
 import re
 import tempfile
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from .mime import Inspection, Limits
 
 CHUNK = 64 * 1024
+MAX_HEADER_SECTION = 1024 * 1024  # Postfix's header_size_limit is 100 KB; past this no check reads on
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,17 @@ class Envelope:
     helo: str = ""
     queue_id: str = ""
     auth_user: str = ""  # Postfix {auth_authen}: SASL login name
-    daemon_name: str = ""  # Postfix {daemon_name}
+
+    def own_submission(self) -> str | None:
+        """Why this is our own users' mail (sender authentication judges other servers), or None."""
+        if self.auth_user:
+            return "SASL-authenticated client"
+        try:
+            if ipaddress.ip_address(self.client_ip).is_loopback:  # sendmail(1) via pickup, a local reinjection
+                return "client on loopback"
+        except ValueError:
+            pass
+        return None
 
 
 _CRLF = re.compile(r"\r?\n")
@@ -156,6 +168,18 @@ class Message:
 
     def open(self) -> BinaryIO:
         return self.spool.reader()
+
+    def header_section(self) -> bytes:
+        """The lines before the first empty one (CRLF or LF), at most MAX_HEADER_SECTION bytes."""
+        lines, size = [], 0
+        with self.open() as stream:
+            while size < MAX_HEADER_SECTION:
+                line = stream.readline(MAX_HEADER_SECTION - size)
+                if not line or line in (b"\r\n", b"\n"):
+                    break
+                lines.append(line)
+                size += len(line)
+        return b"".join(lines)
 
     def sha256(self) -> str:
         """The message's digest: the key of the collaborative checks' result caches."""

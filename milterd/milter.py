@@ -136,7 +136,6 @@ class Session(Milter.Base):
             helo=self.helo,
             queue_id=self.getsymval("i") or "",
             auth_user=self.auth_user,
-            daemon_name=self.getsymval("{daemon_name}") or "",
         )
         message = Message(envelope, self.spool)
         try:

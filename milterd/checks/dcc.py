@@ -131,10 +131,7 @@ def request_head(message: Message, *, query: bool = False) -> bytes:
 
 def already_reported(message: Message) -> bool:
     """An X-DCC header in the message's header section: an earlier hop reported it, so only ask."""
-    with message.open() as stream:
-        head = stream.read(CHUNK)
-    end = head.find(b"\r\n\r\n")
-    return bool(_X_DCC_IN_HEAD.search(head if end < 0 else head[:end]))
+    return bool(_X_DCC_IN_HEAD.search(message.header_section()))
 
 
 class DccCheck(Check):

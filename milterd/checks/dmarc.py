@@ -33,13 +33,11 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
-import ipaddress
 import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.utils import getaddresses
-from typing import BinaryIO
 
 from publicsuffixlist import PublicSuffixList
 
@@ -49,7 +47,6 @@ from ..message import Message
 from ..sanitize import printable
 from . import Check
 
-HEADER_LIMIT = 256 * 1024  # bytes of the header section read to find From; a longer one is cut there
 POLICIES = ("none", "quarantine", "reject")
 
 # 6.6.3 step 2: a DMARC record starts with v=DMARC1 ("DMARC1" is case-sensitive, 6.3)
@@ -119,8 +116,7 @@ def is_dmarc_record(text: str) -> bool:
 
 def from_domain(message: Message) -> str:
     """The RFC5322.From domain, lower-case, IDNA A-labels; FromError when there is not exactly one."""
-    with message.open() as stream:
-        header = _header_section(stream)
+    header = message.header_section()
     parsed = email.parser.HeaderParser(policy=email.policy.compat32).parsestr(
         header.decode("utf-8", "replace"), headersonly=True
     )
@@ -135,17 +131,6 @@ def from_domain(message: Message) -> str:
     if len(domains) > 1:
         raise FromError(f"From names {len(domains)} domains: " + ", ".join(sorted(domains)))
     return domains.pop()
-
-
-def _header_section(stream: BinaryIO) -> bytes:
-    lines, size = [], 0
-    while size < HEADER_LIMIT:
-        line = stream.readline(HEADER_LIMIT - size)
-        if not line or line in (b"\r\n", b"\n"):
-            break
-        lines.append(line)
-        size += len(line)
-    return b"".join(lines)
 
 
 def _normalise(domain: str) -> str:
@@ -187,11 +172,7 @@ class DmarcCheck(Check):
         return self.org_domain(domain) == self.org_domain(from_domain)
 
     def skip_reason(self, message: Message, earlier: Mapping[str, Finding]) -> str | None:
-        if message.envelope.auth_user:
-            return "SASL-authenticated client"
-        if _loopback(message.envelope.client_ip):
-            return "client on loopback"
-        return None
+        return message.envelope.own_submission()
 
     def run(self, message: Message) -> Finding:
         """Outside the pipeline there are no DKIM and SPF findings: nothing aligned can be known."""
@@ -292,10 +273,3 @@ class DmarcCheck(Check):
             "ok",
             dmarc=DmarcResult(result, printable(domain, 255), policy, disposition, printable(detail, 200)),  # type: ignore[arg-type]
         )
-
-
-def _loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False

@@ -9,8 +9,6 @@ from ..mime import Limits
 from ..sanitize import printable
 from . import Check
 
-MAX_HEADER_SECTION = 1024 * 1024  # Postfix's header_size_limit is 100 KB; past this we read no further
-
 
 class HeadersCheck(Check):
     name = "headers"
@@ -20,9 +18,6 @@ class HeadersCheck(Check):
         self.timeout = limits.timeout + 5
 
     def run(self, message: Message) -> Finding:
-        with message.open() as stream:
-            head = stream.read(MAX_HEADER_SECTION)
-        end = min((i for i in (head.find(b"\r\n\r\n"), head.find(b"\n\n")) if i >= 0), default=len(head))
-        problems = bad_headers(head[:end])
+        problems = bad_headers(message.header_section())
         problems += [f"MIME error: {defect}" for defect in message.inspect(self.limits).mime_defects]
         return self.finding("ok", bad_headers=tuple(printable(p, 200) for p in problems[:20]))

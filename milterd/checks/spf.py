@@ -11,7 +11,6 @@ see each other's.
 from __future__ import annotations
 
 import contextvars
-import ipaddress
 from collections.abc import Callable
 
 import spf
@@ -53,10 +52,9 @@ class SpfCheck(Check):
         env = message.envelope
         if not env.client_ip:
             return self.finding("skipped", detail="no client address (scan without --client-ip)")
-        if env.auth_user:  # SPF judges other servers, not our own users' submissions
-            return self.finding("skipped", detail="SASL-authenticated client")
-        if _loopback(env.client_ip):  # this host: sendmail(1) through Postfix's pickup, or a local reinjection
-            return self.finding("skipped", detail="client on loopback")
+        own = env.own_submission()
+        if own:
+            return self.finding("skipped", detail=own)
         sender = env.mail_from.strip().strip("<>")
         if not sender and not env.helo:
             return self.finding("skipped", detail="null sender and no HELO name")
@@ -75,10 +73,3 @@ class SpfCheck(Check):
             "ok",
             spf=SpfResult(result, query.ident, printable(query.o, 255), printable(explanation, 200)),
         )
-
-
-def _loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False  # not an address: pyspf says so
