@@ -62,18 +62,23 @@ def new_token() -> bytes:
     return b"mtok_" + uuid.uuid4().hex.encode()
 
 
-def send(mta, listener: str, body: bytes, rcpts=("user@example.com",), subject="test", extra=b"") -> bytes:
+def send(
+    mta,
+    listener: str,
+    body: bytes,
+    rcpts=("user@example.com",),
+    subject="test",
+    extra=b"",
+    sender="sender@remote.test",
+    from_header: str | None = None,
+) -> bytes:
     """Submit one message with a unique token; returns the token. SMTP errors propagate."""
-    postfix, _ = mta
+    postfix = mta[0]
     token = new_token()
+    domain = sender.rpartition("@")[2]
     raw = (
-        b"From: sender@remote.test\r\nTo: user@example.com\r\nSubject: "
-        + subject.encode()
-        + b"\r\nMessage-ID: <"
-        + token
-        + b"@remote.test>\r\nDate: "
-        + email.utils.formatdate().encode()
-        + b"\r\n"
+        f"From: {from_header or sender}\r\nTo: user@example.com\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{token.decode()}@{domain}>\r\nDate: {email.utils.formatdate()}\r\n".encode()
         + extra
         + b"\r\n"
         + body
@@ -82,7 +87,7 @@ def send(mta, listener: str, body: bytes, rcpts=("user@example.com",), subject="
         + b"\r\n"
     )
     with smtplib.SMTP("127.0.0.1", postfix.ports[listener], timeout=60) as smtp:
-        smtp.sendmail("sender@remote.test", list(rcpts), raw)
+        smtp.sendmail(sender, list(rcpts), raw)
     return token
 
 

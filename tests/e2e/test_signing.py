@@ -5,10 +5,7 @@ header changes (X-Spam-* removed and added, Subject tag) included.
 
 from __future__ import annotations
 
-import email.utils
-import smtplib
 import subprocess
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import dkim
@@ -18,6 +15,8 @@ from milterd.dkimsign import generate_key
 from milterd.dns import Resolver
 from tests import daemons
 from tests.conftest import GTUBE, start_milterd, stop_milterd, write_config
+from tests.e2e.test_postfix import new_token
+from tests.e2e.test_postfix import send as submit
 
 DOMAIN = "milterd.test"  # the From domain that has keys
 SELECTORS = {"e2e-rsa": "rsa", "e2e-ed": "ed25519"}
@@ -68,23 +67,9 @@ def mta(tmp_path_factory, clamd, spamd, dns):
 
 
 def send(mta, listener: str, body: bytes = b"Hello Bob, lunch on Thursday?", subject="report", extra=b"") -> bytes:
-    postfix, _, _ = mta
-    token = b"mtok_" + uuid.uuid4().hex.encode()
-    raw = (
-        (
-            f"From: Alice <alice@{DOMAIN}>\r\nTo: user@example.com\r\nSubject: {subject}\r\n"
-            f"Message-ID: <{token.decode()}@{DOMAIN}>\r\nDate: {email.utils.formatdate()}\r\n"
-        ).encode()
-        + extra
-        + b"\r\n"
-        + body
-        + b"\r\n"
-        + token
-        + b"\r\n"
-    )
-    with smtplib.SMTP("127.0.0.1", postfix.ports[listener], timeout=60) as smtp:
-        smtp.sendmail(f"alice@{DOMAIN}", ["user@example.com"], raw)
-    return postfix.wait_delivered(token)
+    sender = f"alice@{DOMAIN}"
+    token = submit(mta, listener, body, subject=subject, extra=extra, sender=sender, from_header=f"Alice <{sender}>")
+    return mta[0].wait_delivered(token)
 
 
 def names(delivered: bytes) -> list[str]:
@@ -132,7 +117,7 @@ def test_the_subject_tag_is_made_before_signing(mta):
 
 def test_mail_submitted_with_sendmail_is_originating_and_signed(mta):
     postfix, _, _ = mta
-    token = b"mtok_" + uuid.uuid4().hex.encode()
+    token = new_token()
     subprocess.run(
         ["/usr/sbin/sendmail", "-C", str(postfix.config_directory), "-f", f"alice@{DOMAIN}", "user@example.com"],
         input=f"From: alice@{DOMAIN}\nTo: user@example.com\nSubject: cron\n\n".encode() + token + b"\n",
