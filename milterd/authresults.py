@@ -7,39 +7,21 @@ import re
 from collections.abc import Sequence
 
 import authres
-import authres.dmarc
 
-from .findings import DkimResult, DmarcResult, SpfResult
+from .findings import AuthResult
 from .sanitize import printable
 
 # authserv-id is the first token, after any comments: "mx.example.com 1; dkim=pass ..."
 _AUTHSERV_ID = re.compile(r"\s*(?:\([^()]*\)\s*)*([^\s;()]+)")
 
 
-def header_value(
-    authserv_id: str, dkim: Sequence[DkimResult] | None, spf: SpfResult | None, dmarc: DmarcResult | None = None
-) -> str | None:
-    """The header's value; `dkim` None means DKIM was not verified (an empty list: no signature)."""
-    results = []
-    if dkim is not None:
-        results += [
-            authres.DKIMAuthenticationResult(
-                result=d.result, header_d=d.domain or None, header_s=d.selector or None, header_a=d.algorithm or None
-            )
-            for d in dkim
-        ] or [authres.DKIMAuthenticationResult(result="none")]
-    if spf is not None:
-        identity = {"smtp_mailfrom": spf.domain} if spf.identity == "mailfrom" else {"smtp_helo": spf.domain}
-        results.append(authres.SPFAuthenticationResult(result=spf.result, **identity))
-    if dmarc is not None:
-        results.append(
-            authres.dmarc.DMARCAuthenticationResult(
-                result=dmarc.result, header_from=dmarc.domain or None, policy=dmarc.policy or None
-            )
-        )
+def header_value(authserv_id: str, results: Sequence[AuthResult]) -> str | None:
+    """The header's value, one method result each, in the order given; None when there is none."""
     if not results:
         return None
-    header = authres.AuthenticationResultsHeader(authserv_id=printable(authserv_id, 255), results=results)
+    header = authres.AuthenticationResultsHeader(
+        authserv_id=printable(authserv_id, 255), results=[r.authres() for r in results]
+    )
     return str(header).split(": ", 1)[1]
 
 

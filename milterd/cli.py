@@ -71,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"milterd: {e}", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "check-config":
-        print(f"milterd: {config.path or 'built-in defaults'}: OK")
-        return EXIT_OK
+        return _check_config(config)
     if args.command == "scan":
         return _scan(config, args)
     if args.command == "report":
@@ -80,11 +79,29 @@ def main(argv: list[str] | None = None) -> int:
     return _run(config, args)
 
 
+def _check_config(config) -> int:
+    """Everything a start or a reload would do short of serving: the engine built (keys read), then closed."""
+    from .engine import build_engine
+
+    try:
+        build_engine(config).close()
+    except ConfigError as e:
+        print(f"milterd: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"milterd: {config.path or 'built-in defaults'}: OK")
+    return EXIT_OK
+
+
 def _run(config, args) -> int:
-    from .engine import Engine
+    from .engine import build_engine
     from .milter import serve
 
     settings = config.milter
+    try:
+        engine = build_engine(config)  # keys are read here, before the daemon drops root
+    except ConfigError as e:
+        print(f"milterd: {e}", file=sys.stderr)
+        return EXIT_USAGE
     if not args.foreground:
         import daemon
         import daemon.pidfile
@@ -95,7 +112,6 @@ def _run(config, args) -> int:
         )
         context.open()
     _setup_logging(settings.log_file, settings.log_level, foreground=args.foreground)
-    engine = Engine(config)
     try:
         serve(engine)
     except Exception as e:
@@ -194,7 +210,7 @@ def _setup_logging(log_file: str, level: str, foreground: bool) -> None:
 
 
 def _scan(config, args) -> int:
-    from .engine import Engine
+    from .engine import build_engine
 
     _setup_logging("", "info" if args.verbose else "warning", foreground=True)
     try:
@@ -206,7 +222,11 @@ def _scan(config, args) -> int:
         print("milterd: --jobs must be 1 or more", file=sys.stderr)
         return EXIT_USAGE
     # Scanning is offline: one message at a time per job, so the engine needs as many slots as jobs.
-    engine = Engine(replace(config, milter=replace(config.milter, max_concurrent=args.jobs)))
+    try:
+        engine = build_engine(replace(config, milter=replace(config.milter, max_concurrent=args.jobs)))
+    except ConfigError as e:
+        print(f"milterd: {e}", file=sys.stderr)
+        return EXIT_USAGE
     progress = _Progress(len(items)) if not args.json and sys.stderr.isatty() and len(items) > 20 else None
 
     def scan_one(item: sources.Item):
@@ -222,26 +242,22 @@ def _scan(config, args) -> int:
         )
         message = Message(envelope, spool)
         try:
-            findings, verdict = engine.evaluate(message)
+            disposition = engine.evaluate(message)
+            engine.after_reply(disposition)
         finally:
             message.close()
-        return item.name, message.size, findings, verdict
+        return item.name, disposition
 
     blocked = False
     if not args.json:
         print(report.TABLE_HEAD)
     try:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            for name, size, findings, verdict in pool.map(scan_one, items):
-                blocked |= verdict.blocked
+            for name, disposition in pool.map(scan_one, items):
+                blocked |= disposition.outcome.verdict.blocked
                 if progress:
                     progress.step()
-                print(
-                    report.as_json(name, size, findings, verdict)
-                    if args.json
-                    else report.as_row(name, findings, verdict),
-                    flush=True,
-                )
+                print(report.as_json(name, disposition) if args.json else report.as_row(name, disposition), flush=True)
     except OSError as e:
         print(f"milterd: {e}", file=sys.stderr)
         return EXIT_USAGE

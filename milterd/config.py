@@ -1,5 +1,7 @@
 """Load and validate milterd.toml: every section is a frozen dataclass, every key checked.
 
+Data only, and nothing heavy imported: a reload reads it, and the engine is built from it.
+
 Unknown sections and keys, and values of the wrong type, are errors that name the file and key,
 so a typo never silently falls back to a default.
 """
@@ -8,12 +10,14 @@ from __future__ import annotations
 
 import socket
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .dkimsign import Signer, SigningSettings, build_signer
+from .checks import registry
+from .dkimsign import SigningSettings, check_signing
 from .dns import parse_nameserver
-from .mime import Limits
 from .rules import Rules, load_rules
 from .tomlschema import POSITIVE, ConfigError, build, read_toml
 
@@ -36,133 +40,38 @@ class MilterSettings:
 
 
 @dataclass(frozen=True)
-class ClamavSettings:
-    enabled: bool = True
-    # a unix socket path or "tcp:HOST:PORT"; a list is a failover pool
-    socket: tuple[str, ...] = field(default=("/run/clamav/clamd.ctl",), metadata=POSITIVE)
-    timeout: float = field(default=30.0, metadata=POSITIVE)
-    # clamd's StreamMaxLength default: clamd refuses larger streams, so larger mail is UNCHECKED
-    max_size: int = field(default=25 * 1024 * 1024, metadata=POSITIVE)
-
-
-@dataclass(frozen=True)
-class SpamdSettings:
-    enabled: bool = True
-    # HOST:PORT or a unix socket path; a list is a failover pool
-    address: tuple[str, ...] = field(default=("127.0.0.1:783",), metadata=POSITIVE)
-    timeout: float = field(default=60.0, metadata=POSITIVE)
-    max_size: int = 512000  # larger messages skip SpamAssassin, as spamc does
-
-
-@dataclass(frozen=True)
-class BannedSettings(Limits):
-    """The banned-file check; the MIME walker's unpacking limits are amavis' ($MAXLEVELS, $MAXFILES, ...)."""
-
-    enabled: bool = True
-
-
-@dataclass(frozen=True)
-class HeadersSettings:
-    """amavis' bad-header tests (8-bit, control characters, long lines, syntax, missing, duplicates, MIME)."""
-
-    enabled: bool = True
-
-
-@dataclass(frozen=True)
 class DnsSettings:
     """The one resolver DKIM, SPF and DMARC use."""
 
     # "host" or "host:port" ("[::1]:5353" for IPv6); empty = the system resolver (/etc/resolv.conf)
     nameservers: tuple[str, ...] = ()
     timeout: float = field(default=5.0, metadata=POSITIVE)  # seconds for one lookup, every server and retry
-
-
-@dataclass(frozen=True)
-class DkimSettings:
-    enabled: bool = True
-    timeout: float = field(default=10.0, metadata=POSITIVE)  # seconds for the key lookups of all signatures
-    # dkimpy holds the message in memory: larger mail is not verified
-    max_size: int = field(default=25 * 1024 * 1024, metadata=POSITIVE)
-
-
-@dataclass(frozen=True)
-class SpfSettings:
-    enabled: bool = True
-    timeout: float = field(default=20.0, metadata=POSITIVE)  # seconds for the whole evaluation (RFC 7208 4.6.4)
-
-
-@dataclass(frozen=True)
-class DmarcSettings:
-    """DMARC for the From domain; built only when [dkim] and [spf] are both enabled (it judges their results)."""
-
-    enabled: bool = True
-    timeout: float = field(default=10.0, metadata=POSITIVE)  # seconds for the policy lookups (From and org domain)
-
-
-@dataclass(frozen=True)
-class PyzorSettings:
-    """Pyzor digests checked against its servers; off by default, as it asks an outside server."""
-
-    enabled: bool = False
-    servers: tuple[str, ...] = field(default=("public.pyzor.org:24441",), metadata=POSITIVE)  # HOST:PORT
-    timeout: float = field(default=5.0, metadata=POSITIVE)
-    max_size: int = field(default=512000, metadata=POSITIVE)  # larger ones are not digested (spamc's limit)
-
-
-@dataclass(frozen=True)
-class RazorSettings:
-    """Razor through Debian's razor-check; off by default, as it asks outside servers."""
-
-    enabled: bool = False
-    command: str = "razor-check"
-    homedir: str = ""  # razor's -home (its identity and server list); "" = the running user's ~/.razor
-    timeout: float = field(default=5.0, metadata=POSITIVE)
-
-
-@dataclass(frozen=True)
-class DccSettings:
-    """DCC through the dccifd daemon's socket; off by default, as dccifd asks outside servers."""
-
-    enabled: bool = False
-    socket: str = "/var/lib/dcc/dccifd"
-    timeout: float = field(default=5.0, metadata=POSITIVE)
+    cache_size: int = field(default=10000, metadata=POSITIVE)  # answers kept, each for its TTL
 
 
 @dataclass(frozen=True)
 class Config:
+    """Validated settings, data only: `engine.build_engine` makes the running parts from it."""
+
     path: Path | None
     rules: Rules
     milter: MilterSettings = field(default_factory=MilterSettings)
     signing: SigningSettings = field(default_factory=SigningSettings)
-    signer: Signer | None = None  # built from [signing] when enabled: its keys read and checked
-    clamav: ClamavSettings = field(default_factory=ClamavSettings)
-    spamd: SpamdSettings = field(default_factory=SpamdSettings)
-    banned: BannedSettings = field(default_factory=BannedSettings)
-    headers: HeadersSettings = field(default_factory=HeadersSettings)
     dns: DnsSettings = field(default_factory=DnsSettings)
-    dkim: DkimSettings = field(default_factory=DkimSettings)
-    spf: SpfSettings = field(default_factory=SpfSettings)
-    dmarc: DmarcSettings = field(default_factory=DmarcSettings)
-    pyzor: PyzorSettings = field(default_factory=PyzorSettings)
-    razor: RazorSettings = field(default_factory=RazorSettings)
-    dcc: DccSettings = field(default_factory=DccSettings)
+    checks: Mapping[str, Any] = field(default_factory=dict)  # check name -> its settings ([name])
+
+    def check(self, name: str) -> Any:
+        """A check's settings: its section, or its defaults when the file has none."""
+        return self.checks.get(name) or registry()[name].settings()
+
+    def __getattr__(self, name: str) -> Any:
+        """`config.clamav` for `config.check("clamav")`."""
+        if name in registry():
+            return self.check(name)
+        raise AttributeError(name)
 
 
-_SECTIONS = {
-    "milter": MilterSettings,
-    "signing": SigningSettings,
-    "clamav": ClamavSettings,
-    "spamd": SpamdSettings,
-    "banned": BannedSettings,
-    "headers": HeadersSettings,
-    "dns": DnsSettings,
-    "dkim": DkimSettings,
-    "spf": SpfSettings,
-    "dmarc": DmarcSettings,
-    "pyzor": PyzorSettings,
-    "razor": RazorSettings,
-    "dcc": DccSettings,
-}
+_SECTIONS = {"milter": MilterSettings, "signing": SigningSettings, "dns": DnsSettings}
 
 
 def load_config(path: Path | None = None) -> Config:
@@ -175,11 +84,12 @@ def load_config(path: Path | None = None) -> Config:
         return Config(path=None, rules=load_rules(None))
     path = Path(path or DEFAULT_PATH)
     data = read_toml(path)
-    unknown = sorted(set(data) - set(_SECTIONS))
+    schema = {**_SECTIONS, **{name: spec.settings for name, spec in registry().items()}}
+    unknown = sorted(set(data) - set(schema))
     if unknown:
         raise ConfigError(f"{path}: unknown section [{unknown[0]}]")
     sections = {}
-    for name, cls in _SECTIONS.items():
+    for name, cls in schema.items():
         section = data.get(name, {})
         if not isinstance(section, dict):
             raise ConfigError(f"{path}: [{name}] must be a table")
@@ -189,8 +99,15 @@ def load_config(path: Path | None = None) -> Config:
             parse_nameserver(nameserver)
         except ValueError as e:
             raise ConfigError(f"{path}: dns.nameservers: {e}") from None
-    signer = build_signer(sections["signing"], path)
+    check_signing(sections["signing"], path)
     rules_dir = path.parent / sections["milter"].rules
     if not rules_dir.is_dir():
         raise ConfigError(f"{path}: milter.rules: {rules_dir} is not a directory")
-    return Config(path=path, rules=load_rules(rules_dir), signer=signer, **sections)
+    return Config(
+        path=path,
+        rules=load_rules(rules_dir),
+        milter=sections.pop("milter"),
+        signing=sections.pop("signing"),
+        dns=sections.pop("dns"),
+        checks=sections,
+    )

@@ -10,8 +10,10 @@ amavis' signing, with its defaults (`$enable_dkim_signing`, `dkim_key()`, `%sign
   nobody can add another one without breaking the signature;
 - a domain that already has a valid signature on the message is not signed again.
 
-Keys are read once, when the configuration is loaded (as root, before the daemon drops it): a key
-file that others can read, that cannot be read, or that is not a usable key is a config error.
+Keys are read once, when the engine is built (as root, before the daemon drops it; check-config
+builds it too): a key file that others can read, that cannot be read, or that is not a usable key
+is a config error. Loading the config only checks [signing]'s values: dkimpy and cryptography are
+imported where keys are read and mail is signed.
 """
 
 from __future__ import annotations
@@ -27,11 +29,6 @@ import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import dkim
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from .message import Envelope
 from .tomlschema import POSITIVE, ConfigError
@@ -134,6 +131,8 @@ class Signer:
         when the message is larger than max_size, or for a domain in `skip_domains` (it already
         has a valid signature on the message).
         """
+        import dkim
+
         if len(message) > self.max_size:
             log.info("not DKIM-signed: %d bytes is larger than signing.max_size", len(message))
             return []
@@ -177,32 +176,38 @@ class Signer:
         return include[::-1]
 
 
-def build_signer(settings: SigningSettings, path: Path) -> Signer | None:
-    """Check [signing] and read every key (enabled or not, so check-config finds a bad one before it
-    is used); the Signer when enabled. ConfigError names `path` (the config file) and the key."""
+def check_signing(settings: SigningSettings, path: Path) -> None:
+    """Check [signing]'s values without reading the keys; ConfigError names `path` and the key."""
     for i, network in enumerate(settings.mynetworks):
         try:
             ipaddress.ip_network(network, strict=False)
         except ValueError:
             raise ConfigError(f"{path}: signing.mynetworks[{i}]: {network!r} is not a network (CIDR)") from None
-    headers = {h.lower() for h in settings.headers}
-    if "from" not in headers:
+    if "from" not in {h.lower() for h in settings.headers}:
         raise ConfigError(f"{path}: signing.headers must include From (RFC 6376 5.4)")
-    refused = sorted(headers & {h.decode() for h in dkim.DKIM.SHOULD_NOT})
-    if refused:
-        raise ConfigError(f"{path}: signing.headers: {refused[0]} must not be signed (RFC 6376 5.4)")
     if settings.enabled and not settings.key:
         raise ConfigError(f"{path}: signing.enabled is true but there is no [[signing.key]]")
-    keys = []
     for i, entry in enumerate(settings.key):
-        where = f"signing.key[{i}]"
         for name in ("domain", "selector"):
             if not _LABELS.fullmatch(getattr(entry, name)):
-                raise ConfigError(f"{path}: {where}.{name}: {getattr(entry, name)!r} is not a domain name")
+                raise ConfigError(f"{path}: signing.key[{i}].{name}: {getattr(entry, name)!r} is not a domain name")
+
+
+def build_signer(settings: SigningSettings, path: Path) -> Signer | None:
+    """Read every key (enabled or not, so check-config finds a bad one before it is used); the
+    Signer when enabled. ConfigError names `path` (the config file) and the key."""
+    import dkim
+
+    check_signing(settings, path)
+    refused = sorted({h.lower() for h in settings.headers} & {h.decode() for h in dkim.DKIM.SHOULD_NOT})
+    if refused:
+        raise ConfigError(f"{path}: signing.headers: {refused[0]} must not be signed (RFC 6376 5.4)")
+    keys = []
+    for i, entry in enumerate(settings.key):
         try:
             keys.append(load_key(path.parent / entry.key, entry.domain, entry.selector))  # an absolute key stays
         except KeyFileError as e:
-            raise ConfigError(f"{path}: {where}.key: {e}") from None
+            raise ConfigError(f"{path}: signing.key[{i}].key: {e}") from None
     if not settings.enabled:
         return None
     return Signer(
@@ -231,6 +236,10 @@ class KeyFileError(Exception):
 
 def load_key(path: Path, domain: str, selector: str) -> Key:
     """Read a PEM private key (RSA or Ed25519); refused when others can read it, or it is not a usable key."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as e:
@@ -272,6 +281,9 @@ def generate_key(directory: Path, domain: str, selector: str, kind: str = "rsa",
 
     FileExistsError when the file exists; ValueError for a bad name or size.
     """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
     for what, name in (("domain", domain), ("selector", selector)):
         if not _LABELS.fullmatch(name):
             raise ValueError(f"{what} {name!r} is not a domain name")

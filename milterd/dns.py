@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import dns.exception
-import dns.name
-import dns.nameserver
-import dns.resolver
-
-CACHE_SIZE = 10000  # answers kept (each for its TTL): the same keys and SPF records come back all day
+if TYPE_CHECKING:
+    import dns.resolver
 
 
 class DnsError(Exception):
@@ -48,7 +45,11 @@ class Resolver:
     (what is left of its own deadline), never for more.
     """
 
-    def __init__(self, nameservers: Sequence[str] = (), timeout: float = 5.0):
+    def __init__(self, nameservers: Sequence[str] = (), timeout: float = 5.0, cache_size: int = 10000):
+        """`cache_size`: answers kept, each for its TTL (the same keys and SPF records come back all day)."""
+        import dns.nameserver  # dnspython, here rather than at the top: loading the config does not need it
+        import dns.resolver
+
         if nameservers:
             resolver = dns.resolver.Resolver(configure=False)
             resolver.nameservers = [dns.nameserver.Do53Nameserver(*parse_nameserver(ns)) for ns in nameservers]
@@ -58,12 +59,16 @@ class Resolver:
             except dns.resolver.NoResolverConfiguration:
                 resolver = dns.resolver.Resolver(configure=False)  # no nameserver: every lookup is a DnsError
         resolver.lifetime = timeout
-        resolver.cache = dns.resolver.LRUCache(CACHE_SIZE)
+        resolver.cache = dns.resolver.LRUCache(cache_size)
         self._resolver = resolver
         self.timeout = timeout
 
     def lookup(self, name: str | bytes, rdtype: str, timeout: float | None = None) -> list:
         """The records of one type at `name` (CNAMEs followed): [] when the name or the type does not exist."""
+        import dns.exception
+        import dns.name
+        import dns.resolver
+
         lifetime = self.timeout if timeout is None else min(timeout, self.timeout)
         if lifetime <= 0:
             raise DnsError("no time left for the lookup")

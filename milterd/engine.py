@@ -1,77 +1,204 @@
-"""The engine both front ends share: spooled message in, findings and one verdict out, one log line.
+"""The engine both front ends share: a spooled message and its recipients in, a Disposition out.
 
-It knows nothing of pymilter; `milter.py` and `cli.py scan` are thin adapters around it.
+It knows nothing of pymilter: milter.py carries a Disposition out through libmilter, `scan`
+prints it. `build_engine` turns a validated Config into an Engine that never changes afterwards
+(its checks, pipeline, resolver, walker and signer), so a reload builds a new one and swaps one
+reference, and a transaction keeps the Engine it started with.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from .checks import build_checks
+from . import edits as header_edits
+from . import render
+from .checks import Runtime, build_checks
 from .config import Config
-from .findings import Finding
-from .message import Message
+from .dkimsign import Signer, build_signer
+from .findings import Finding, Summary, summarize
+from .message import Message, header_section, split_header_section
 from .pipeline import Pipeline
-from .policy import Policy, Verdict, decide, format_score
+from .policy import Category, Policy, Reply, Verdict, decide, format_score
 from .sanitize import address, printable
-from .scores import authentication_points
 
 log = logging.getLogger("milterd")
 
+INTERNAL_ERROR = Reply("451", "4.3.0", "Temporary local problem, try again later")
+
+
+@dataclass(frozen=True)
+class Recipient:
+    address: str
+    policy: Policy
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happens for one group of recipients that share a policy."""
+
+    recipients: tuple[str, ...]
+    policy: Policy
+    verdict: Verdict
+    headers: tuple[tuple[str, str], ...] = ()  # added on top when the message passes (unfolded)
+    subject_tag: str = ""
+    signatures: tuple[tuple[str, str], ...] = ()  # DKIM-Signature headers, added on top of those
+    edits: tuple[header_edits.Edit, ...] = ()  # every header change, in order, signatures included
+
+    @property
+    def reply(self) -> Reply | None:
+        """The SMTP reply milterd sets; None: the MTA's own 250."""
+        return self.verdict.reply
+
+
+@dataclass(frozen=True)
+class Disposition:
+    """The decision on one message: per recipient group the verdict, the reply, the header edits and
+    the DKIM signatures, and what the engine does once the reply is decided (`Engine.after_reply`).
+
+    The milter decides one transaction for one policy (recipients whose policy differs are
+    deferred at RCPT time), so it carries out `outcome`, the first and only group.
+    """
+
+    message: Message
+    findings: Mapping[str, Finding]
+    groups: tuple[Outcome, ...]
+    error: str = ""  # an internal error stopped the evaluation: why (the groups then tempfail)
+    summary: Summary = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "summary", summarize(self.findings))
+
+    @property
+    def outcome(self) -> Outcome:
+        return self.groups[0]
+
 
 class Engine:
-    def __init__(self, config: Config):
+    """Checks, policy and signing for every message; built once per configuration, never changed."""
+
+    def __init__(self, config: Config, checks, signer: Signer | None):
         self.config = config
         self.rules = config.rules
-        self.pipeline = Pipeline(build_checks(config), config.milter.max_concurrent)
+        self.hostname = config.milter.hostname
+        self.pipeline = Pipeline(checks, config.milter.max_concurrent)
+        self.signer = signer
 
-    def policy_for(self, recipients: tuple[str, ...]) -> Policy:
-        """The transaction's policy: its first recipient's (the milter defers recipients that differ)."""
-        return self.rules.policy_for(recipients[0]) if recipients else self.rules.policy
+    def recipient(self, address: str) -> Recipient:
+        return Recipient(address, self.rules.policy_for(address))
 
-    def evaluate(self, message: Message, policy: Policy | None = None) -> tuple[dict[str, Finding], Verdict]:
-        """`policy`: the one the milter settled at RCPT time (looked up once); scan leaves it to us."""
+    def evaluate(self, message: Message, recipients: Sequence[Recipient] | None = None) -> Disposition:
+        """Run the checks once, then decide per group of recipients with equal policies.
+
+        `recipients`: with the policies the milter settled at RCPT time; None looks them up for the
+        envelope's recipients (scan).
+        """
+        if recipients is None:
+            recipients = [self.recipient(r) for r in message.envelope.rcpts]
         findings = self.pipeline.run(message)
-        points = authentication_points(findings, self.rules.scores)
-        if points is not None:
-            findings["scores"] = points
-        envelope = message.envelope
-        verdict = decide(
-            findings,
-            policy or self.policy_for(envelope.rcpts),
-            sender=envelope.mail_from,
-            hostname=self.config.milter.hostname,
-        )
-        log.info("%s", log_line(message, findings, verdict))
-        return findings, verdict
+        found = summarize(findings)
+        groups = [self._outcome(message, found, policy, rcpts) for policy, rcpts in _grouped(recipients, self.rules)]
+        return Disposition(message, findings, tuple(groups))
+
+    def failed(self, message: Message, error: Exception) -> Disposition:
+        """The Disposition of a message whose evaluation failed: 451 4.3.0, the sender retries."""
+        why = printable(f"internal error: {type(error).__name__}: {error}", 300)
+        ordered = (Category.UNCHECKED,)
+        verdict = Verdict(Category.UNCHECKED, ordered, "tempfail", INTERNAL_ERROR, reason=why)
+        outcome = Outcome(message.envelope.rcpts, self.rules.policy, verdict)
+        return Disposition(message, {}, (outcome,), error=why)
+
+    def after_reply(self, disposition: Disposition) -> None:
+        """What follows the decided reply: the log line (later quarantine, notifications, metrics)."""
+        log.info("%s", log_line(disposition))
 
     def close(self) -> None:
         self.pipeline.shutdown()
 
+    def _outcome(self, message: Message, found: Summary, policy: Policy, rcpts: tuple[str, ...]) -> Outcome:
+        verdict = decide(found, policy)
+        if verdict.action != "accept":
+            return Outcome(rcpts, policy, verdict)
+        headers = render.added_headers(found, policy, verdict, self.hostname)
+        tag = render.subject_tag(policy, verdict.categories)
+        incoming = message.headers()
+        edits = header_edits.header_edits(incoming, headers, tag, self.hostname)
+        signatures = tuple(self._signatures(message, found, verdict, incoming, edits))
+        edits += header_edits.on_top(signatures)
+        return Outcome(rcpts, policy, verdict, headers, tag, signatures, tuple(edits))
 
-def log_line(message: Message, findings: dict[str, Finding], verdict: Verdict) -> str:
-    """Postfix-style: queue id first, then who, what was found, what was done, and how long each check took."""
-    env = message.envelope
+    def _signatures(self, message: Message, found: Summary, verdict: Verdict, incoming, edits) -> list:
+        """DKIM-Signature headers for originating mail, over the message as it will leave: our
+        header edits made, the spooled body. A signing failure delivers the message unsigned."""
+        signer, envelope = self.signer, message.envelope
+        if signer is None or not signer.wants(envelope, verdict.categories):
+            return []
+        queue_id = envelope.queue_id or "NOQUEUE"
+        if message.size > signer.max_size:
+            log.info("%s: not DKIM-signed: larger than signing.max_size (%d bytes)", queue_id, message.size)
+            return []
+        signed_by = {a.domain.lower() for a in found.authentication if a.method == "dkim" and a.result == "pass"}
+        try:
+            with message.open() as stream:
+                body = split_header_section(stream.read())[1]
+            outgoing = header_section(header_edits.edited(incoming, edits)) + b"\r\n" + body
+            signatures = signer.sign(outgoing, skip_domains=signed_by)
+        except Exception as e:
+            log.error("%s: not DKIM-signed: %s: %s", queue_id, type(e).__name__, e, exc_info=True)
+            return []
+        if signatures:
+            log.info("%s: DKIM-signed: %s", queue_id, ", ".join(_signature_tags(v) for _, v in signatures))
+        return signatures
+
+
+def build_engine(config: Config) -> Engine:
+    """The running parts made from a validated config: checks, their resolver and walker, the signer
+    (its keys read). ConfigError when something the config names cannot be used."""
+    signer = build_signer(config.signing, config.path or Path("milterd.toml"))
+    return Engine(config, build_checks(config, Runtime(config)), signer)
+
+
+def _grouped(recipients: Sequence[Recipient], rules) -> list[tuple[Policy, tuple[str, ...]]]:
+    """Recipients grouped by equal policy, in the order each policy first appears (none: the default's)."""
+    groups: dict[Policy, list[str]] = {}
+    for rcpt in recipients:
+        groups.setdefault(rcpt.policy, []).append(rcpt.address)
+    return [(policy, tuple(addresses)) for policy, addresses in groups.items()] or [(rules.policy, ())]
+
+
+def _signature_tags(value: str) -> str:
+    """d=, s= and a= of a DKIM-Signature value, for the log."""
+    tags = dict(t.strip().partition("=")[::2] for t in value.split(";"))
+    return f"d={tags.get('d', '')} s={tags.get('s', '')} a={tags.get('a', '')}"
+
+
+def log_line(disposition: Disposition) -> str:
+    """Postfix-style: queue id first, then who, what was found, what was done (the reply sent),
+    and how long each check took."""
+    message, found = disposition.message, disposition.summary
+    env, verdict = message.envelope, disposition.outcome.verdict
     score = "-" if verdict.spam_score is None else format_score(verdict.spam_score)
-    checks = " ".join(f"{f.name}:{f.status}/{f.elapsed * 1000:.0f}ms" for f in findings.values())
+    checks = " ".join(f"{f.name}:{f.status}/{f.elapsed * 1000:.0f}ms" for f in disposition.findings.values())
+    reply = disposition.outcome.reply
     parts = [
         f"{printable(env.queue_id, 40) or 'NOQUEUE'}:",
         f"client={printable(env.client_name, 100) or 'unknown'}[{printable(env.client_ip, 60)}],",
         f"from={address(env.mail_from)},",
         f"to={','.join(address(r) for r in env.rcpts)},",
         f"size={message.size}, category={verdict.category.name}, score={score},",
-        f"action={verdict.action}, checks=[{checks}]",
+        f"action={verdict.action}, reply={f'{reply.code} {reply.xcode}' if reply else '250'}, checks=[{checks}]",
     ]
-    auth = [f"dkim={d.result}/{d.domain or '-'}" for f in findings.values() for d in f.dkim]
-    auth += [f"spf={f.spf.result}/{f.spf.domain or '-'}" for f in findings.values() if f.spf]
-    auth += [f"dmarc={f.dmarc.result}/{f.dmarc.domain or '-'}" for f in findings.values() if f.dmarc]
-    if auth:  # the results, temperror included: the check's own status stays "ok" whatever DNS did
+    # the results, temperror included: the check's own status stays "ok" whatever DNS did
+    auth = [f"{a.method}={a.result}/{a.domain or '-'}" for a in found.authentication if a.listed]
+    if auth:
         parts[-1] += ","
         parts.append(f"auth=[{' '.join(auth)}]")
     if verdict.reason:
         parts[-1] += ","
         parts.append(f"reason={printable(verdict.reason, 300)}")
-    failed = [f"{f.name}: {f.detail}" for f in findings.values() if f.failed]
+    failed = [f"{f.name}: {f.detail}" for f in disposition.findings.values() if f.failed]
     if failed:
         parts[-1] += ","
         parts.append(f"failed=[{printable('; '.join(failed), 500)}]")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:
-    from .mime import Inspection, Limits
+    from .mime import Inspection, Walker
 
 CHUNK = 64 * 1024
 MAX_HEADER_SECTION = 1024 * 1024  # Postfix's header_size_limit is 100 KB; past this no check reads on
@@ -48,15 +48,19 @@ class Envelope:
 _CRLF = re.compile(r"\r?\n")
 
 
+_BLANK_LINE = re.compile(rb"(?:^|\r?\n)\r?\n")
+
+
 def split_header_section(raw: bytes) -> tuple[list[tuple[str, str]], bytes]:
     """A spooled message as (headers, body): the headers as the milter got them, (name, value)
-    with LF-folded values (milter.py writes each as `Name: value` CRLF, its folds as CRLF)."""
-    if raw.startswith(b"\r\n"):
-        return [], raw[2:]
-    end = raw.find(b"\r\n\r\n")
-    head, body = (raw, b"") if end < 0 else (raw[: end + 2], raw[end + 4 :])
+    with LF-folded values (milter.py writes each as `Name: value` CRLF, its folds as CRLF; a file
+    `scan` reads may end its lines in LF alone)."""
+    blank = _BLANK_LINE.search(raw)
+    head, body = (raw, b"") if blank is None else (raw[: blank.start()], raw[blank.end() :])
     headers: list[tuple[str, str]] = []
-    for line in head.decode("utf-8", "surrogateescape").split("\r\n")[:-1]:
+    for line in _CRLF.split(head.decode("utf-8", "surrogateescape")):
+        if not line:
+            continue
         if line[:1] in (" ", "\t") and headers:
             headers[-1] = (headers[-1][0], headers[-1][1] + "\n" + line)
         else:
@@ -160,6 +164,7 @@ class Message:
     envelope: Envelope
     spool: Spool
     _inspection: Inspection | None = field(default=None, init=False, repr=False)
+    _header_section: bytes | None = field(default=None, init=False, repr=False)
     _inspecting: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
@@ -169,8 +174,14 @@ class Message:
     def open(self) -> BinaryIO:
         return self.spool.reader()
 
+    def headers(self) -> list[tuple[str, str]]:
+        """The header fields as (name, value), folds kept as LF."""
+        return split_header_section(self.header_section())[0]
+
     def header_section(self) -> bytes:
         """The lines before the first empty one (CRLF or LF), at most MAX_HEADER_SECTION bytes."""
+        if self._header_section is not None:
+            return self._header_section
         lines, size = [], 0
         with self.open() as stream:
             while size < MAX_HEADER_SECTION:
@@ -179,7 +190,8 @@ class Message:
                     break
                 lines.append(line)
                 size += len(line)
-        return b"".join(lines)
+        self._header_section = b"".join(lines)  # the spool does not change: read once
+        return self._header_section
 
     def sha256(self) -> str:
         """The message's digest: the key of the collaborative checks' result caches."""
@@ -189,12 +201,10 @@ class Message:
                 digest.update(chunk)
         return digest.hexdigest()
 
-    def inspect(self, limits: Limits) -> Inspection:
-        from .mime import inspect  # mime reads Messages: imported here, not at the top, to avoid a cycle
-
+    def inspect(self, walker: Walker) -> Inspection:
         with self._inspecting:
             if self._inspection is None:
-                self._inspection = inspect(self, limits)
+                self._inspection = walker.inspect(self)
             return self._inspection
 
     def close(self) -> None:

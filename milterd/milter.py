@@ -2,7 +2,8 @@
 
 Callbacks are thin and answer nothing they need not (@noreply), so Postfix does not wait on them;
 `data()` does answer, which removes the 40 ms delayed-ACK stall measured over inet: sockets.
-All the work happens at end of message, in the Engine.
+All the work happens at end of message, in the Engine; the Session only carries out the
+Disposition it returns, then hands it back for what follows the reply (the log line).
 """
 
 from __future__ import annotations
@@ -17,10 +18,8 @@ import socket
 import Milter
 
 from . import actions
-from .authresults import claims_our_id
-from .engine import Engine
-from .message import Envelope, Message, Spool, header_section, split_header_section
-from .policy import Policy
+from .engine import Engine, Recipient
+from .message import Envelope, Message, Spool
 
 log = logging.getLogger("milterd")
 
@@ -31,7 +30,7 @@ M_ARENA_MAX = -8  # glibc's mallopt parameter number
 class Session(Milter.Base):
     """One SMTP connection; a transaction starts at MAIL FROM and ends at end of message or abort."""
 
-    engine: Engine  # set by serve()
+    engine: Engine  # the current Engine: serve() sets it, a reload swaps it (this one reference)
 
     def __init__(self):
         self.client_ip = self.client_name = self.helo = ""
@@ -41,16 +40,16 @@ class Session(Milter.Base):
         self._new_transaction(None)
 
     def _new_transaction(self, mail_from: str | None) -> None:
-        """Start a transaction at MAIL FROM; None ends it and frees its spool."""
+        """Start a transaction at MAIL FROM; None ends it and frees its spool.
+
+        A transaction keeps the Engine it started with, whatever a reload swaps in meanwhile.
+        """
         if self.spool is not None:
             self.spool.close()
-        settings = self.engine.config.milter
+        self.transaction_engine = self.engine
+        settings = self.transaction_engine.config.milter
         self.mail_from = mail_from or ""
-        self.rcpts: list[str] = []
-        self.policy: Policy | None = None
-        self.header_names: list[str] = []
-        self.forged_results: list[int] = []  # indexes of Authentication-Results headers claiming our authserv-id
-        self.subject: str | None = None
+        self.rcpts: list[Recipient] = []
         self.auth_user = ""
         self.in_body = False
         self.spool = Spool(settings.spool_threshold, settings.spool_dir) if mail_from is not None else None
@@ -82,9 +81,8 @@ class Session(Milter.Base):
         Postfix cannot defer a recipient of non-SMTP mail (it would hold the whole message), so
         there the first recipient's policy applies to all, as amavis' milter does.
         """
-        rcpt = rcpt.strip("<>")
-        policy = self.engine.rules.policy_for(rcpt)
-        if self.policy is not None and policy != self.policy:
+        recipient = self.transaction_engine.recipient(rcpt.strip("<>"))
+        if self.rcpts and recipient.policy != self.rcpts[0].policy:
             if self.smtp:
                 self.setreply("452", "4.5.3", "Too many recipients: please send this one separately")
                 return Milter.TEMPFAIL
@@ -92,8 +90,8 @@ class Session(Milter.Base):
                 "%s: recipients require different policies; the first recipient's applies",
                 self.getsymval("i") or "NOQUEUE",
             )
-        self.policy = self.policy or policy
-        self.rcpts.append(rcpt)
+            recipient = Recipient(recipient.address, self.rcpts[0].policy)
+        self.rcpts.append(recipient)
         return Milter.CONTINUE
 
     def data(self):
@@ -102,14 +100,6 @@ class Session(Milter.Base):
     @Milter.noreply
     @Milter.decode("bytes")
     def header(self, name, value):
-        self.header_names.append(name)
-        lower = name.lower()
-        if lower == "subject":
-            self.subject = value.decode("utf-8", "surrogateescape")
-        elif lower == "authentication-results":
-            index = sum(n.lower() == lower for n in self.header_names)
-            if claims_our_id(value.decode("latin-1"), self.engine.config.milter.hostname):
-                self.forged_results.append(index)
         self.spool.write(name.encode("ascii", "replace") + b": " + _LINE_END.sub(b"\r\n", value) + b"\r\n")
         return Milter.CONTINUE
 
@@ -128,9 +118,10 @@ class Session(Milter.Base):
 
     def eom(self):
         self._end_headers()
+        engine = self.transaction_engine
         envelope = Envelope(
             mail_from=self.mail_from,
-            rcpts=tuple(self.rcpts),
+            rcpts=tuple(r.address for r in self.rcpts),
             client_ip=self.client_ip,
             client_name=self.client_name,
             helo=self.helo,
@@ -138,48 +129,22 @@ class Session(Milter.Base):
             auth_user=self.auth_user,
         )
         message = Message(envelope, self.spool)
+        queue_id = envelope.queue_id or "NOQUEUE"
         try:
-            findings, verdict = self.engine.evaluate(message, self.policy)
-            edits = actions.header_edits(verdict, self.header_names, self.subject, self.forged_results)
-            if verdict.action == "accept":
-                edits += actions.on_top(self._signatures(message, findings, verdict.categories, edits))
-            return actions.apply(self, verdict, edits)
-        except Exception as e:  # never lose a message to a bug: the sender retries
-            log.error(
-                "%s: internal error, tempfail: %s: %s",
-                envelope.queue_id or "NOQUEUE",
-                type(e).__name__,
-                e,
-                exc_info=True,
-            )
-            self.setreply("451", "4.3.0", "Temporary local problem, try again later")
-            return Milter.TEMPFAIL
+            try:
+                disposition = engine.evaluate(message, self.rcpts)
+                result = actions.apply(self, disposition.outcome)
+            except Exception as e:  # never lose a message to a bug: the sender retries
+                log.error("%s: internal error: %s: %s", queue_id, type(e).__name__, e, exc_info=True)
+                disposition = engine.failed(message, e)
+                result = actions.apply(self, disposition.outcome)
+            try:
+                engine.after_reply(disposition)
+            except Exception as e:  # the reply is decided: what follows it must not change it
+                log.error("%s: after the reply: %s: %s", queue_id, type(e).__name__, e, exc_info=True)
+            return result
         finally:
             self._new_transaction(None)
-
-    def _signatures(self, message: Message, findings, categories, edits) -> list[tuple[str, str]]:
-        """DKIM-Signature headers for originating mail, over the message as it will leave: our
-        header edits made, the spooled body. A signing failure delivers the message unsigned."""
-        signer = self.engine.config.signer
-        envelope = message.envelope
-        if signer is None or not signer.wants(envelope, categories):
-            return []
-        queue_id = envelope.queue_id or "NOQUEUE"
-        if message.size > signer.max_size:
-            log.info("%s: not DKIM-signed: larger than signing.max_size (%d bytes)", queue_id, message.size)
-            return []
-        signed_by = {d.domain.lower() for f in findings.values() for d in f.dkim if d.result == "pass"}
-        try:
-            with message.open() as stream:
-                headers, body = split_header_section(stream.read())
-            outgoing = header_section(actions.edited(headers, edits)) + b"\r\n" + body
-            signatures = signer.sign(outgoing, skip_domains=signed_by)
-        except Exception as e:
-            log.error("%s: not DKIM-signed: %s: %s", queue_id, type(e).__name__, e, exc_info=True)
-            return []
-        if signatures:
-            log.info("%s: DKIM-signed: %s", queue_id, ", ".join(_signature_tags(v) for _, v in signatures))
-        return signatures
 
     def abort(self):
         self._new_transaction(None)
@@ -188,12 +153,6 @@ class Session(Milter.Base):
     def close(self):
         self._new_transaction(None)
         return Milter.CONTINUE
-
-
-def _signature_tags(value: str) -> str:
-    """d=, s= and a= of a DKIM-Signature value, for the log."""
-    tags = dict(t.strip().partition("=")[::2] for t in value.split(";"))
-    return f"d={tags.get('d', '')} s={tags.get('s', '')} a={tags.get('a', '')}"
 
 
 def serve(engine: Engine) -> None:

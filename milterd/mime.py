@@ -20,13 +20,13 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.feedparser import BytesFeedParser
 from email.header import decode_header, make_header
 from email.message import Message as EmailPart
 from email.policy import compat32
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import magic
 import tnefparse
@@ -34,15 +34,13 @@ from libarchive import ffi
 from libarchive.exception import ArchiveError
 from libarchive.read import ArchiveRead
 
+if TYPE_CHECKING:
+    from .checks.banned import BannedSettings as Limits
+
 LARGE = 1024 * 1024  # the milter's default spool_threshold: past it a message is on disk
-_large_walks = threading.Lock()
-# A walk is Python under the GIL: two at a time keep both cores busy, and more would only hold
-# more parsed messages in memory at once (make bench, c=50: peak RSS 108 MB with 32 walks, 62 without).
-_walk_slots = threading.BoundedSemaphore(2)
 # A walk frees what it parsed, but glibc keeps the freed heap; handing it back after each walk keeps
 # the peak flat under load (c=50: 90 -> 80 MB) for ~3 us. Without glibc there is nothing to do.
 _malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", lambda pad: 0)
-MAGIC_HANDLES = 4  # libmagic runs without the GIL: a few handles keep the cores busy
 HEAD = 64 * 1024  # what libmagic sees of each file: enough for ISO 9660's signature at 32 KiB
 BLOCK = 64 * 1024
 
@@ -120,22 +118,6 @@ ffi.ffi("entry_is_encrypted", [ffi.c_archive_entry_p], ctypes.c_int)  # not wrap
 
 
 @dataclass(frozen=True)
-class Limits:
-    """amavis' decoding limits, with Debian's defaults."""
-
-    max_levels: int = 14  # $MAXLEVELS: nesting depth (MIME message/rfc822 nesting + archive levels)
-    max_files: int = 1500  # $MAXFILES: parts + archive members in total
-    min_expansion_quota: int = 100 * 1024
-    max_expansion_quota: int = 300 * 1024 * 1024
-    min_expansion_factor: int = 5
-    max_expansion_factor: int = 500  # quota = max(min_quota, size*min_factor, min(max_quota, size*max_factor))
-    timeout: float = 30.0  # seconds for the whole walk
-    # The email package holds a parsed message in memory (about 3x its size): larger ones are not
-    # walked but UNCHECKED, as clamd's StreamMaxLength, so memory stays flat for a 50 MB message.
-    max_size: int = 25 * 1024 * 1024
-
-
-@dataclass(frozen=True)
 class Part:
     path: str  # names from the root down joined by "/", "part1.2" for a MIME node without a name; raw
     name: str  # this node's file name, decoded; "" if none
@@ -161,41 +143,66 @@ class _TooDeep(Exception):
     """max_levels reached: the container being opened is left unopened, the walk goes on."""
 
 
-def inspect(message, limits: Limits = Limits()) -> Inspection:
-    """Every file in `message` (a milterd.message.Message) with its types; never raises.
+class Walker:
+    """Walks messages within [banned]'s limits; one per Engine, shared by every session.
 
-    At most two messages are walked at once, and messages spooled to disk one at a time, so
-    concurrent mail cannot add up in memory; the heap is trimmed after each walk.
+    At most `walk_slots` messages are walked at once, and messages spooled to disk one at a time,
+    so concurrent mail cannot add up in memory; the heap is trimmed after each walk.
     """
-    if message.size > limits.max_size:
-        return Inspection((), (f"message: larger than max_size ({message.size} > {limits.max_size} bytes)",), ())
-    with _large_walks if message.size > LARGE else contextlib.nullcontext(), _walk_slots:
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        # A walk is Python under the GIL: two at a time keep both cores busy, and more would only hold
+        # more parsed messages in memory at once (make bench, c=50: peak RSS 108 MB with 32 walks, 62 with 2).
+        self._slots = threading.BoundedSemaphore(limits.walk_slots)
+        self._large = threading.Lock()
+        # libmagic runs without the GIL. A few handles, borrowed in turn: python-magic's one shared
+        # handle is behind a lock that concurrent messages queued on (a third of milterd's CPU samples
+        # under load), and a handle per thread cost each thread a private copy of the database (16 MB).
+        self._magic: queue.LifoQueue = queue.LifoQueue()
+        for _ in range(limits.magic_handles):
+            self._magic.put(magic.Magic(mime=True))
+
+    def inspect(self, message) -> Inspection:
+        """Every file in `message` (a milterd.message.Message) with its types; never raises."""
+        limits = self.limits
+        if message.size > limits.max_size:
+            return Inspection((), (f"message: larger than max_size ({message.size} > {limits.max_size} bytes)",), ())
+        with self._large if message.size > LARGE else contextlib.nullcontext(), self._slots:
+            try:
+                return self._inspect(message)
+            finally:
+                _malloc_trim(0)
+
+    def _inspect(self, message) -> Inspection:
+        walk = _Walk(self.limits, message.size, self.identify)
         try:
-            return _inspect(message, limits)
+            with message.open() as stream:
+                root = walk.parse(stream, "message")
+            walk.message(root, "", 1)
+        except _Stop as stop:
+            walk.unchecked.append(str(stop))
+        except RecursionError:  # the email package recurses once per nested multipart
+            walk.unchecked.append("message: cannot parse: MIME nesting too deep")
+        except Exception as exc:  # a hostile message must not take the filter down
+            walk.unchecked.append(f"message: cannot inspect: {_reason(exc)}")
+        return Inspection(tuple(walk.parts), tuple(walk.unchecked), tuple(walk.defects))
+
+    def identify(self, data: bytes) -> str:
+        """libmagic's MIME type of the head, as file(1) reads it."""
+        handle = self._magic.get()
+        try:
+            return handle.from_buffer(data[:HEAD])
         finally:
-            _malloc_trim(0)
-
-
-def _inspect(message, limits: Limits) -> Inspection:
-    walk = _Walk(limits, message.size)
-    try:
-        with message.open() as stream:
-            root = walk.parse(stream, "message")
-        walk.message(root, "", 1)
-    except _Stop as stop:
-        walk.unchecked.append(str(stop))
-    except RecursionError:  # the email package recurses once per nested multipart
-        walk.unchecked.append("message: cannot parse: MIME nesting too deep")
-    except Exception as exc:  # a hostile message must not take the filter down
-        walk.unchecked.append(f"message: cannot inspect: {_reason(exc)}")
-    return Inspection(tuple(walk.parts), tuple(walk.unchecked), tuple(walk.defects))
+            self._magic.put(handle)
 
 
 class _Walk:
     """The state of one walk: what was found, and what is left of each limit."""
 
-    def __init__(self, limits: Limits, size: int):
+    def __init__(self, limits: Limits, size: int, identify: Callable[[bytes], str]):
         self.limits = limits
+        self.identify = identify
         self.quota = max(
             limits.min_expansion_quota,
             size * limits.min_expansion_factor,
@@ -291,7 +298,7 @@ class _Walk:
         self._defects(node, path)
         self.spend(len(data), path)
         declared = node.get_content_type()
-        part = self.record(path, name, declared, depth, False, len(data), _identify(data))
+        part = self.record(path, name, declared, depth, False, len(data), self.identify(data))
         tnef = declared in TNEF or name.lower() == "winmail.dat"
         self.contents(part, data, tnef)
 
@@ -350,7 +357,7 @@ class _Walk:
             self.record(path, name, "", depth, True, entry.size or 0)
             self.unchecked.append(f"encrypted: {path}")
             return
-        with _Content() as content:
+        with _Content(self.identify, self.limits.spill_dir) as content:
             try:
                 while (size := ffi.read_data(archive, buffer, BLOCK)) > 0:
                     self.tick(path)
@@ -388,7 +395,7 @@ class _Walk:
         """A member whose bytes are already in memory (TNEF, uuencoded)."""
         self.admit(path, depth)
         self.spend(len(data), path)
-        part = self.record(path, name, "", depth, True, len(data), _identify(data))
+        part = self.record(path, name, "", depth, True, len(data), self.identify(data))
         self.contents(part, data)
 
 
@@ -396,7 +403,9 @@ class _Content:
     """One member's bytes as they stream out of libarchive: the head for libmagic, and all of it
     (in a temp file past the head) only when the member is a container to open in turn."""
 
-    def __init__(self):
+    def __init__(self, identify: Callable[[bytes], str], spill_dir: str):
+        self._identify = identify
+        self._spill_dir = spill_dir or None
         self._head = b""
         self.size = 0
         self._type: str | None = None
@@ -409,13 +418,13 @@ class _Content:
         elif self._type is None:
             self._head += ctypes.string_at(buffer, size)
             if len(self._head) >= HEAD and _container(self.type()):
-                self._spill = tempfile.TemporaryFile(prefix="milterd-")
+                self._spill = tempfile.TemporaryFile(dir=self._spill_dir, prefix="milterd-")
                 self._spill.write(self._head)
         # else: typed, not a container: only counted
 
     def type(self) -> str:
         if self._type is None:
-            self._type = _identify(self._head)
+            self._type = self._identify(self._head)
         return self._type
 
     def source(self) -> bytes | BinaryIO | None:
@@ -453,25 +462,6 @@ def _open(archive: int, source: bytes | BinaryIO) -> None:
     else:
         source.flush()
         ffi.read_open_fd(archive, source.fileno(), BLOCK)
-
-
-def _identify(data: bytes) -> str:
-    """libmagic's MIME type of the head, as file(1) reads it.
-
-    A few handles, borrowed in turn: python-magic's one shared handle is behind a lock that
-    concurrent messages queued on (a third of milterd's CPU samples under load), and a handle
-    per thread cost each thread a private copy of the magic database (16 MB).
-    """
-    handle = _magic_handles.get()
-    try:
-        return handle.from_buffer(data[:HEAD])
-    finally:
-        _magic_handles.put(handle)
-
-
-_magic_handles: queue.LifoQueue = queue.LifoQueue()
-for _ in range(MAGIC_HANDLES):
-    _magic_handles.put(magic.Magic(mime=True))
 
 
 def _container(real: str) -> bool:

@@ -1,5 +1,7 @@
 """Findings + one recipient policy -> one Verdict, the amavis way. Pure: no I/O, no clock.
 
+It only decides; what the verdict looks like in the message (headers, Subject tag) is render.py's.
+
 amavis decides per recipient; milterd keeps one policy per SMTP transaction (recipients whose
 policy differs are deferred at RCPT time), so one verdict covers every recipient of a message.
 """
@@ -11,8 +13,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Literal
 
-from . import authresults
-from .findings import Finding
+from .findings import Finding, Summary, summarize
 from .sanitize import printable
 
 
@@ -93,8 +94,6 @@ class Verdict:
     action: Action
     reply: Reply | None = None  # for reject and tempfail
     spam_score: float | None = None
-    headers: tuple[tuple[str, str], ...] = ()  # to add, unfolded
-    subject_tag: str = ""
     reason: str = ""  # why it blocked, for the log
 
     @property
@@ -114,49 +113,48 @@ def format_score(value: float) -> str:
     return "0" if text in ("-0", "") else text
 
 
-def decide(findings: Mapping[str, Finding], policy: Policy, *, sender: str, hostname: str) -> Verdict:
-    """The amavis walk: categories high to low, the first whose destiny is not PASS blocks."""
-    viruses = tuple(v for f in findings.values() for v in f.viruses)
-    banned = tuple(part for f in findings.values() for part, _ in f.banned)
-    bad_headers = tuple(problem for f in findings.values() for problem in f.bad_headers)
-    failed = [f for f in findings.values() if f.critical and f.failed]
-    uninspected = failed + [f for f in findings.values() if f.critical and f.status == "unchecked"]
-    scores = [f.spam_score for f in findings.values() if f.spam_score is not None]
-    score = sum(scores) if scores else None
+def categories(found: Summary, policy: Policy) -> tuple[Category, ...]:
+    """The message's categories for this policy, highest first.
 
-    categories = {Category.CLEAN}
-    if viruses:
-        categories.add(Category.VIRUS)
-    if banned:
-        categories.add(Category.BANNED)
-    if uninspected:
-        categories.add(Category.UNCHECKED)
-    if bad_headers:
-        categories.add(Category.BAD_HEADER)
-    if score is not None and score >= policy.kill_level:
-        categories.add(Category.SPAM)
+    A DMARC fail under p=reject is SPAM when `dmarc_reject` is on: the domain owner's word weighs
+    as a kill-level score would (SpamAssassin scores DMARC_REJECT the same way).
+    """
+    score = found.score
+    present = {Category.CLEAN}
+    if found.viruses:
+        present.add(Category.VIRUS)
+    if found.banned:
+        present.add(Category.BANNED)
+    if found.uninspected:
+        present.add(Category.UNCHECKED)
+    if found.bad_headers:
+        present.add(Category.BAD_HEADER)
+    if (score is not None and score >= policy.kill_level) or _dmarc_reject(found, policy):
+        present.add(Category.SPAM)
     if score is not None and score >= policy.tag2_level:
-        categories.add(Category.SPAMMY)
-    ordered = tuple(sorted(categories, reverse=True))
+        present.add(Category.SPAMMY)
+    return tuple(sorted(present, reverse=True))
 
-    unchecked_why = ", ".join(
-        f"{f.name} {f.status}" + (f" ({f.detail})" if f.status == "unchecked" else "") for f in uninspected
-    )
-    # amavis' X-Amavis-Alert texts; the same facts make the reject reason
-    alerts = {
-        Category.VIRUS: f"INFECTED, message contains virus: {', '.join(viruses)}",
-        Category.BANNED: f"BANNED, message contains {', '.join(banned)}",
-        Category.UNCHECKED: f"UNCHECKED, {unchecked_why}",
-        Category.BAD_HEADER: f"BAD HEADER SECTION, {'; '.join(bad_headers)}",
-    }
+
+def decide(findings: Mapping[str, Finding] | Summary, policy: Policy) -> Verdict:
+    """The amavis walk: categories high to low, the first whose destiny is not PASS blocks."""
+    found = findings if isinstance(findings, Summary) else summarize(findings)
+    score = found.score
+    ordered = categories(found, policy)
+    unchecked_why = found.unchecked_why
     for category in ordered:
-        if category is Category.UNCHECKED and failed and policy.scanner_failure == "tempfail":
+        if category is Category.UNCHECKED and found.failed and policy.scanner_failure == "tempfail":
             reply = Reply("451", "4.7.1", printable(f"Try again later: {unchecked_why}"))
             return Verdict(ordered[0], ordered, "tempfail", reply, score, reason=unchecked_why)
         destiny = _destiny(category, policy)
+        if category is Category.SPAM and (score is None or score < policy.kill_level):
+            destiny = Destiny.PASS  # SPAM by the DMARC policy alone: that reject follows
         if destiny is Destiny.PASS:
+            if category is Category.SPAM and _dmarc_reject(found, policy):
+                reply = Reply("550", "5.7.1", printable(f"Rejected: {found.policy_reject}"))
+                return Verdict(ordered[0], ordered, "reject", reply, score, reason=found.policy_reject)
             continue
-        why = _reason(category, viruses, banned, bad_headers, score, unchecked_why)
+        why = _reason(category, found, unchecked_why)
         if destiny is Destiny.DISCARD or (
             destiny is Destiny.BOUNCE and score is not None and score >= policy.dsn_cutoff_level
         ):
@@ -164,21 +162,11 @@ def decide(findings: Mapping[str, Finding], policy: Policy, *, sender: str, host
         xcode = "5.6.0" if category is Category.BAD_HEADER else "5.7.0"
         reply = Reply("554", xcode, printable(f"Rejected: {why}"))
         return Verdict(ordered[0], ordered, "reject", reply, score, reason=why)
+    return Verdict(ordered[0], ordered, "accept", None, score)
 
-    dmarc = next((f.dmarc for f in findings.values() if f.dmarc is not None), None)
-    if policy.dmarc_reject and dmarc is not None and dmarc.result == "fail" and dmarc.disposition == "reject":
-        why = f"DMARC policy of {dmarc.domain} is reject"
-        reply = Reply("550", "5.7.1", printable(f"Rejected: {why}"))
-        return Verdict(ordered[0], ordered, "reject", reply, score, reason=why)
-    return Verdict(
-        ordered[0],
-        ordered,
-        "accept",
-        None,
-        score,
-        headers=_headers(findings, policy, ordered, alerts, score, hostname),
-        subject_tag=_subject_tag(policy, ordered),
-    )
+
+def _dmarc_reject(found: Summary, policy: Policy) -> bool:
+    return policy.dmarc_reject and bool(found.policy_reject)
 
 
 def _destiny(category: Category, policy: Policy) -> Destiny:
@@ -191,64 +179,15 @@ def _destiny(category: Category, policy: Policy) -> Destiny:
     }.get(category, Destiny.PASS)
 
 
-def _reason(category, viruses, banned, bad_headers, score, unchecked) -> str:
+def _reason(category: Category, found: Summary, unchecked: str) -> str:
     if category is Category.VIRUS:
-        return f"virus {', '.join(viruses)} found"
+        return f"virus {', '.join(found.viruses)} found"
     if category is Category.BANNED:
-        return f"message contains banned file {', '.join(banned)}"
+        return f"message contains banned file {', '.join(found.banned)}"
     if category is Category.BAD_HEADER:
-        return f"bad header section: {'; '.join(bad_headers)}"
+        return f"bad header section: {'; '.join(found.bad_headers)}"
     if category is Category.UNCHECKED:
         return f"message could not be checked ({unchecked})"
     if category is Category.SPAM:
-        return f"spam, score {format_score(score or 0)}"
+        return f"spam, score {format_score(found.score or 0)}"
     return category.name.lower().replace("_", " ")
-
-
-def _headers(findings, policy, categories, alerts, score, hostname):
-    headers = []
-    dkim, spf, dmarc = findings.get("dkim"), findings.get("spf"), findings.get("dmarc")
-    authentication = authresults.header_value(
-        hostname,
-        dkim.dkim if dkim is not None and dkim.status == "ok" else None,
-        spf.spf if spf else None,
-        dmarc.dmarc if dmarc else None,
-    )
-    if authentication:
-        headers.append(("Authentication-Results", authentication))
-    clamav = findings.get("clamav")
-    if clamav is not None and clamav.status == "ok":
-        headers.append(("X-Virus-Scanned", f"milterd at {printable(hostname)}"))
-    headers += [("X-Amavis-Alert", printable(text, 900)) for category, text in alerts.items() if category in categories]
-    if policy.local and score is not None and score >= policy.tag_level:
-        spammy = Category.SPAMMY in categories
-        tests = ", ".join(f"{name}={format_score(points)}" for f in findings.values() for name, points in f.spam_tests)
-        headers += [
-            ("X-Spam-Flag", "YES" if spammy else "NO"),
-            ("X-Spam-Score", format_score(score)),
-            ("X-Spam-Level", "*" * min(64, int(score)) if score >= 1 else ""),
-            (
-                "X-Spam-Status",
-                printable(
-                    f"{'Yes' if spammy else 'No'}, score={format_score(score)}"
-                    f" tagged_above={format_score(policy.tag_level)}"
-                    f" required={format_score(policy.tag2_level)} tests=[{tests}]",
-                    4000,
-                ),
-            ),
-        ]
-    return tuple(headers)
-
-
-def _subject_tag(policy: Policy, categories: tuple[Category, ...]) -> str:
-    if not policy.local:
-        return ""
-    tags = policy.subject_tags
-    for category, tag in (
-        (Category.VIRUS, tags.virus),
-        (Category.UNCHECKED, tags.unchecked),
-        (Category.SPAMMY, tags.spammy),
-    ):
-        if category in categories and tag:
-            return tag
-    return ""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .checks.banned import BannedRule, parse_rules
 from .policy import Policy
-from .scores import Scores, parse_scores
+from .scores import Scores, default_scores, parse_scores
 from .tomlschema import ConfigError, build, read_toml
 
 RULE_FILES = ("policy.toml", "banned.toml", "scores.toml")
@@ -24,7 +24,7 @@ class Rules:
     policy: Policy = field(default_factory=Policy)
     local_domains: tuple[str, ...] = ()  # "example.com" exactly, ".example.org" and its subdomains
     banned: tuple[BannedRule, ...] = ()  # in order; the first that matches decides
-    scores: Scores = field(default_factory=Scores)  # points for the authentication results
+    scores: Scores = field(default_factory=default_scores)  # points and thresholds, per table (rules/scores.toml)
 
     def is_local(self, address: str) -> bool:
         domain = address.strip("<>").rpartition("@")[2].lower().rstrip(".")
@@ -49,7 +49,7 @@ def load_rules(directory: Path | None) -> Rules:
     banned_path = directory / "banned.toml"
     banned = parse_rules(read_toml(banned_path), banned_path) if banned_path.exists() else ()
     scores_path = directory / "scores.toml"
-    scores = parse_scores(read_toml(scores_path), scores_path) if scores_path.exists() else Scores()
+    scores = parse_scores(read_toml(scores_path), scores_path) if scores_path.exists() else default_scores()
     path = directory / "policy.toml"
     if not path.exists():
         return Rules(banned=banned, scores=scores)

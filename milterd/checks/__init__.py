@@ -1,15 +1,38 @@
-"""The checks: one module each, one `run(message) -> Finding` entry point, built from the config."""
+"""The checks: one module each, registered once with everything the rest of milterd needs to know.
+
+A check module declares, with `@register` on its Check class, its name, its settings dataclass (the
+`[name]` section of milterd.toml is derived from it), the checks it runs `after`, whether it is
+critical, the rules/scores.toml tables it reads, and a factory. Config validation, the pipeline,
+`check-config` and `scan --json` enumerate the registry, so adding a check is one new file.
+
+Check modules are imported to read their declarations whenever the config is loaded, so they
+import nothing heavy at the top: their libraries (dkimpy, pyspf, pyzor, libmagic) are imported
+where they are used.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import importlib
+import pkgutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cache, cached_property
+from typing import TYPE_CHECKING, Any
 
 from ..findings import Finding, Status
 from ..message import Message
 
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..dns import Resolver
+    from ..mime import Walker
+
+# A scores table: key -> points, or key -> (symbol name, points); None: any key, each a number
+ScoreTable = Mapping[str, float | tuple[str, float]] | None
+
 
 class Check:
-    """What the pipeline needs of a check.
+    """What the pipeline needs of a check; `@register` sets name, critical and after.
 
     `after` names checks whose findings `skip_reason` and `run_after` want to see first (spamd
     waits for the virus scan, so an infected message never costs a SpamAssassin run; DMARC judges
@@ -39,45 +62,87 @@ class Check:
         return Finding(self.name, status, self.critical, **details)
 
 
-def build_checks(config) -> list[Check]:
+@dataclass(frozen=True)
+class CheckSpec:
+    """A check as registered: its declaration and how to build it."""
+
+    name: str
+    settings: type  # a frozen dataclass with `enabled`: the [name] section
+    order: int  # where it starts, and where it stands in the log and in scan --json
+    build: Callable[[Any, Runtime], Check]  # (its settings, the shared runtime) -> the check
+    after: tuple[str, ...] = ()
+    critical: bool = False
+    needs: tuple[str, ...] = ()  # built only when these are enabled too (DMARC judges DKIM and SPF)
+    scores: Mapping[str, ScoreTable] = field(default_factory=dict)  # the rules/scores.toml tables it reads
+
+
+_registered: dict[str, CheckSpec] = {}
+
+
+def register(
+    *,
+    name: str,
+    settings: type,
+    order: int,
+    build: Callable[[Any, Runtime], Check],
+    after: tuple[str, ...] = (),
+    critical: bool = False,
+    needs: tuple[str, ...] = (),
+    scores: Mapping[str, ScoreTable] | None = None,
+):
+    """Class decorator: declare a check once."""
+
+    def declare(cls: type[Check]) -> type[Check]:
+        cls.name, cls.critical, cls.after = name, critical, after
+        _registered[name] = CheckSpec(name, settings, order, build, after, critical, needs, scores or {})
+        return cls
+
+    return declare
+
+
+@cache
+def registry() -> Mapping[str, CheckSpec]:
+    """Every check module's declaration, in start order."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    return {spec.name: spec for spec in sorted(_registered.values(), key=lambda s: s.order)}
+
+
+class Runtime:
+    """What checks are built with beside their own settings, shared by the checks of one Engine.
+
+    The resolver and the MIME walker are made when the first check asks for them.
+    """
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.rules = config.rules
+
+    @cached_property
+    def resolver(self) -> Resolver:
+        from ..dns import Resolver
+
+        dns = self.config.dns
+        return Resolver(dns.nameservers, dns.timeout, dns.cache_size)
+
+    @cached_property
+    def walker(self) -> Walker:
+        """The MIME walk the banned and headers checks share, with [banned]'s limits."""
+        from ..mime import Walker
+
+        return Walker(self.config.check("banned"))
+
+    def scores(self, table: str) -> Mapping[str, float]:
+        return self.rules.scores[table]
+
+
+def enabled(config: Config) -> list[CheckSpec]:
+    """The checks this config turns on, those whose `needs` are on too, in start order."""
+    on = {name for name, spec in registry().items() if config.check(name).enabled}
+    return [spec for name, spec in registry().items() if name in on and on.issuperset(spec.needs)]
+
+
+def build_checks(config: Config, runtime: Runtime | None = None) -> list[Check]:
     """Every enabled check, in the order they are started."""
-    from ..dns import Resolver
-    from .banned import BannedCheck
-    from .clamav import ClamavCheck
-    from .dkim import DkimCheck
-    from .dmarc import DmarcCheck
-    from .headers import HeadersCheck
-    from .razor import RazorCheck
-    from .spamd import SpamdCheck
-    from .spf import SpfCheck
-
-    checks: list[Check] = []
-    if config.clamav.enabled:
-        checks.append(ClamavCheck(config.clamav.socket, config.clamav.timeout, config.clamav.max_size))
-    if config.spamd.enabled:
-        checks.append(SpamdCheck(config.spamd.address, config.spamd.timeout, config.spamd.max_size))
-    if config.banned.enabled:
-        checks.append(BannedCheck(config.rules.banned, config.banned))
-    if config.headers.enabled:
-        checks.append(HeadersCheck(config.banned))
-    if config.dkim.enabled or config.spf.enabled:
-        resolver = Resolver(config.dns.nameservers, config.dns.timeout)
-        if config.dkim.enabled:
-            checks.append(DkimCheck(resolver.dkim_txt, config.dkim.timeout, config.dkim.max_size))
-        if config.spf.enabled:
-            checks.append(SpfCheck(resolver.spf_lookup, config.spf.timeout))
-        if config.dkim.enabled and config.spf.enabled and config.dmarc.enabled:  # DMARC judges both results
-            checks.append(DmarcCheck(resolver.lookup, config.dmarc.timeout))
-    if config.pyzor.enabled:
-        from .pyzor import PyzorCheck  # imports pyzor only when it is used
-
-        pyzor, scoring = config.pyzor, config.rules.scores.collaborative["pyzor"]
-        checks.append(PyzorCheck(pyzor.servers, pyzor.timeout, pyzor.max_size, scoring))
-    if config.razor.enabled:
-        razor, scoring = config.razor, config.rules.scores.collaborative["razor"]
-        checks.append(RazorCheck(razor.command, razor.homedir, razor.timeout, scoring))
-    if config.dcc.enabled:
-        from .dcc import DccCheck
-
-        checks.append(DccCheck(config.dcc.socket, config.dcc.timeout, config.rules.scores.collaborative["dcc"]))
-    return checks
+    runtime = runtime or Runtime(config)
+    return [spec.build(config.check(spec.name), runtime) for spec in enabled(config)]

@@ -10,15 +10,42 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..findings import Finding
 from ..message import Message
-from ..mime import Inspection, Limits, Part
 from ..sanitize import printable
-from ..tomlschema import ConfigError
-from . import Check
+from ..tomlschema import POSITIVE, ConfigError
+from . import Check, register
+
+if TYPE_CHECKING:
+    from ..mime import Inspection, Part, Walker
+
+
+@dataclass(frozen=True)
+class BannedSettings:
+    """[banned]: the banned-file check, and the MIME walk it shares with the headers check.
+
+    The unpacking limits are amavis' ($MAXLEVELS, $MAXFILES, the expansion quota), Debian's values.
+    """
+
+    enabled: bool = True
+    max_levels: int = 14  # $MAXLEVELS: nesting depth (MIME message/rfc822 nesting + archive levels)
+    max_files: int = 1500  # $MAXFILES: parts + archive members in total
+    min_expansion_quota: int = 100 * 1024
+    max_expansion_quota: int = 300 * 1024 * 1024
+    min_expansion_factor: int = 5
+    max_expansion_factor: int = 500  # quota = max(min_quota, size*min_factor, min(max_quota, size*max_factor))
+    timeout: float = 30.0  # seconds for the whole walk
+    # The email package holds a parsed message in memory (about 3x its size): larger ones are not
+    # walked but UNCHECKED, as clamd's StreamMaxLength, so memory stays flat for a 50 MB message.
+    max_size: int = 25 * 1024 * 1024
+    walk_slots: int = field(default=2, metadata=POSITIVE)  # messages walked at once (Python: the GIL bounds it)
+    magic_handles: int = field(default=4, metadata=POSITIVE)  # libmagic handles the walks share
+    spill_dir: str = ""  # where archive members past 64 KiB that are archives themselves go ("" = the temp dir)
+
 
 # Right-to-left override and friends (the "invoice_exe.pdf" trick), NUL and other C0/C1 controls.
 _DECEPTIVE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
@@ -118,17 +145,22 @@ def _ancestor_paths(path: str) -> list[str]:
     return ["/".join(pieces[:n]) for n in range(len(pieces) - 1, 0, -1)]
 
 
+# critical: a message we could not look inside is UNCHECKED, never CLEAN
+@register(
+    name="banned",
+    settings=BannedSettings,
+    order=30,
+    critical=True,
+    build=lambda settings, runtime: BannedCheck(runtime.rules.banned, runtime.walker),
+)
 class BannedCheck(Check):
-    name = "banned"
-    critical = True  # a message we could not look inside is UNCHECKED, never CLEAN
-
-    def __init__(self, rules: Sequence[BannedRule], limits: Limits):
+    def __init__(self, rules: Sequence[BannedRule], walker: Walker):
         self.rules = (DECEPTIVE_NAMES, *rules)
-        self.limits = limits
-        self.timeout = limits.timeout + 5  # the walker stops itself at limits.timeout
+        self.walker = walker
+        self.timeout = walker.limits.timeout + 5  # the walker stops itself at limits.timeout
 
     def run(self, message: Message) -> Finding:
-        inspection = message.inspect(self.limits)
+        inspection = message.inspect(self.walker)
         banned = tuple((printable(part.path, 200), rule.name) for part, rule in banned_parts(inspection, self.rules))
         detail = printable("; ".join(inspection.unchecked), 500)
         return self.finding("unchecked" if inspection.unchecked else "ok", detail=detail, banned=banned)

@@ -7,13 +7,24 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-
-import clamd
+from dataclasses import dataclass, field
+from functools import cache
 
 from ..findings import Finding
 from ..message import CHUNK, Message
 from ..sanitize import printable
-from . import Check
+from ..tomlschema import POSITIVE
+from . import Check, register
+
+
+@dataclass(frozen=True)
+class ClamavSettings:
+    enabled: bool = True
+    # a unix socket path or "tcp:HOST:PORT"; a list is a failover pool
+    socket: tuple[str, ...] = field(default=("/run/clamav/clamd.ctl",), metadata=POSITIVE)
+    timeout: float = field(default=30.0, metadata=POSITIVE)
+    # clamd's StreamMaxLength default: clamd refuses larger streams, so larger mail is UNCHECKED
+    max_size: int = field(default=25 * 1024 * 1024, metadata=POSITIVE)
 
 
 class _Instream:
@@ -37,32 +48,41 @@ class _Instream:
             self._close_socket()
 
 
-class _UnixScanner(_Instream, clamd.ClamdUnixSocket):
-    pass
+@cache
+def _scanner_classes() -> tuple[type, type]:
+    """Our INSTREAM on the clamd package's unix and TCP clients (made once, when the check first scans)."""
+    import clamd
 
-
-class _TcpScanner(_Instream, clamd.ClamdNetworkSocket):
-    pass
+    return type("UnixScanner", (_Instream, clamd.ClamdUnixSocket), {}), type(
+        "TcpScanner", (_Instream, clamd.ClamdNetworkSocket), {}
+    )
 
 
 def scanner(address: str, timeout: float):
     """`tcp:HOST:PORT` or a unix socket path."""
+    unix, tcp = _scanner_classes()
     if address.startswith("tcp:"):
         host, _, port = address[4:].rpartition(":")
-        return _TcpScanner(host.strip("[]"), int(port), timeout)
-    return _UnixScanner(address, timeout)
+        return tcp(host.strip("[]"), int(port), timeout)
+    return unix(address, timeout)
 
 
+@register(
+    name="clamav",
+    settings=ClamavSettings,
+    order=10,
+    critical=True,
+    build=lambda s, _: ClamavCheck(s.socket, s.timeout, s.max_size),
+)
 class ClamavCheck(Check):
-    name = "clamav"
-    critical = True
-
     def __init__(self, addresses: Sequence[str], timeout: float, max_size: int = 25 * 1024 * 1024):
         self.addresses = tuple(addresses)
         self.timeout = timeout
         self.max_size = max_size
 
     def run(self, message: Message) -> Finding:
+        import clamd
+
         if message.size > self.max_size:  # clamd would cut the stream off: say so instead of retrying forever
             return self.finding("unchecked", detail=f"larger than max_size ({message.size} > {self.max_size} bytes)")
         failures = []
@@ -84,8 +104,8 @@ class ClamavCheck(Check):
             except clamd.ResponseError:
                 return self.finding("error", detail=printable(f"{address}: {line or 'empty reply'}"))
             if status == "FOUND":
-                return self.finding("ok", viruses=(printable(virus, 100),))
+                return self.finding("ok", virus_scanned=True, viruses=(printable(virus, 100),))
             if status == "OK":
-                return self.finding("ok")
+                return self.finding("ok", virus_scanned=True)
             return self.finding("error", detail=printable(f"{address}: {line}"))
         return self.finding("unavailable", detail=printable("; ".join(failures), 500))

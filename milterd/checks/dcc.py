@@ -16,22 +16,23 @@ import re
 import socket
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..cache import TtlCache
 from ..findings import Finding
 from ..message import CHUNK, Message
 from ..sanitize import printable
-from . import Check
+from ..tomlschema import POSITIVE
+from . import Check, register
 
 TEST = "DCC_CHECK"
+# rules/scores.toml [dcc]: SpamAssassin's DCC thresholds and points (DCC_CHECK)
+SCORES = {"body_max": 999999, "fuz1_max": 999999, "fuz2_max": 999999, "points": 1.1}
 MANY = 999999  # what SpamAssassin's DCC plugin makes of dccifd's "many"
 # "header": only the X-DCC header back, not the message; "grey-off": milterd does not greylist,
 # so dccifd must not answer G for a message it has not seen before (DCC.pm sends both).
 OPTIONS = "header grey-off"
 MAX_REPLY = 64 << 10  # the X-DCC header is one folded line; anything past this is not dccifd
-CACHE_TTL = 60.0  # seconds an answer is reused
-CACHE_ENTRIES = 10_000
 RESULTS = {
     "A": "accept",
     "R": "reject",
@@ -134,10 +135,27 @@ def already_reported(message: Message) -> bool:
     return bool(_X_DCC_IN_HEAD.search(message.header_section()))
 
 
-class DccCheck(Check):
-    name = "dcc"
-    critical = False
+@dataclass(frozen=True)
+class DccSettings:
+    """DCC through the dccifd daemon's socket; off by default, as dccifd asks outside servers."""
 
+    enabled: bool = False
+    socket: str = "/var/lib/dcc/dccifd"
+    timeout: float = field(default=5.0, metadata=POSITIVE)
+    cache_ttl: float = 60.0  # seconds an answer is reused (a burst of the same spam asks once); 0 = no cache
+    cache_entries: int = field(default=10_000, metadata=POSITIVE)  # answers kept at most, the oldest dropped first
+
+
+@register(
+    name="dcc",
+    settings=DccSettings,
+    order=100,
+    scores={"dcc": SCORES},
+    build=lambda s, runtime: DccCheck(
+        s.socket, s.timeout, runtime.scores("dcc"), TtlCache(s.cache_ttl, s.cache_entries)
+    ),
+)
+class DccCheck(Check):
     def __init__(
         self,
         socket_path: str,
@@ -148,7 +166,9 @@ class DccCheck(Check):
         self.socket_path = socket_path
         self.timeout = timeout
         self.scoring = dict(scoring)
-        self.cache: TtlCache[DccReply] = cache if cache is not None else TtlCache(CACHE_TTL, CACHE_ENTRIES)
+        self.cache: TtlCache[DccReply] = (
+            cache if cache is not None else TtlCache(DccSettings.cache_ttl, DccSettings.cache_entries)
+        )
 
     def run(self, message: Message) -> Finding:
         deadline = time.monotonic() + self.timeout
@@ -179,7 +199,7 @@ class DccCheck(Check):
         )
         if is_hit(reply, self.scoring):
             points = self.scoring["points"]
-            return self.finding("ok", spam_score=points, spam_tests=((TEST, points),), detail=detail)
+            return self.finding("ok", score=points, symbols=((TEST, points),), detail=detail)
         return self.finding("ok", detail=detail)
 
 

@@ -18,18 +18,30 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-import dkim
-from dkim.util import InvalidTagValueList, parse_tag_value
+import authres
 
 from ..dns import DnsError
-from ..findings import DkimResult, Finding
+from ..findings import Finding, scored
 from ..message import Message
 from ..sanitize import printable
-from . import Check
+from ..tomlschema import POSITIVE
+from . import Check, register
+
+if TYPE_CHECKING:
+    import dkim
 
 MAX_SIGNATURES = 10  # verified per message; each costs a key lookup and a pass over the body
+# rules/scores.toml [dkim]: SpamAssassin's names and points (its network score set, Bayes off)
+SCORES = {
+    "signed": ("DKIM_SIGNED", 0.1),  # at least one signature
+    "valid": ("DKIM_VALID", -0.1),  # at least one passes
+    "valid_author": ("DKIM_VALID_AU", -0.1),  # one from the From domain passes (DMARC knows that domain)
+    "invalid": ("DKIM_INVALID", 0.1),  # signed, and none passes
+}
 
 # dkimpy logs attacker-controlled text (key records, header values) at error level; our results
 # carry the reason, sanitised, so its own logger stays silent.
@@ -40,36 +52,109 @@ _SILENT.setLevel(logging.CRITICAL + 1)
 _SIGNED = re.compile(rb"^dkim-signature[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 
-class DkimCheck(Check):
-    name = "dkim"
+@dataclass(frozen=True)
+class DkimResult:
+    """One DKIM signature's verification (RFC 8601 names); "none" stands for a message without one."""
 
-    def __init__(self, dnsfunc: Callable[..., bytes], timeout: float = 10.0, max_size: int = 25 * 1024 * 1024):
+    method: ClassVar[str] = "dkim"
+    plural: ClassVar[bool] = True
+    result: Literal["pass", "fail", "neutral", "temperror", "permerror", "none"]
+    domain: str  # d=, sanitised
+    selector: str  # s=, sanitised
+    algorithm: str = ""  # a=, e.g. rsa-sha256, ed25519-sha256
+    detail: str = ""  # why it did not pass
+
+    @property
+    def listed(self) -> bool:
+        return self.result != "none"
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in vars(self).items() if v}
+
+    def authres(self) -> object:
+        return authres.DKIMAuthenticationResult(
+            result=self.result,
+            header_d=self.domain or None,
+            header_s=self.selector or None,
+            header_a=self.algorithm or None,
+        )
+
+
+UNSIGNED = DkimResult("none", "", "")
+
+
+@dataclass(frozen=True)
+class DkimSettings:
+    enabled: bool = True
+    timeout: float = field(default=10.0, metadata=POSITIVE)  # seconds for the key lookups of all signatures
+    # dkimpy holds the message in memory: larger mail is not verified
+    max_size: int = field(default=25 * 1024 * 1024, metadata=POSITIVE)
+
+
+@register(
+    name="dkim",
+    settings=DkimSettings,
+    order=50,
+    scores={"dkim": SCORES, "dkim_domains": None},
+    build=lambda s, runtime: DkimCheck(
+        runtime.resolver.dkim_txt, s.timeout, s.max_size, runtime.scores("dkim"), runtime.scores("dkim_domains")
+    ),
+)
+class DkimCheck(Check):
+    def __init__(
+        self,
+        dnsfunc: Callable[..., bytes],
+        timeout: float = 10.0,
+        max_size: int = 25 * 1024 * 1024,
+        points: Mapping[str, float] | None = None,
+        domain_points: Mapping[str, float] | None = None,
+    ):
         """`dnsfunc(name, timeout=)`: the key record as bytes, b"" when there is none, DnsError on failure.
 
         `timeout` bounds the key lookups of all of a message's signatures; the pipeline's deadline
         is a second later, so a slow DNS shows as temperror per signature, not as a check timeout.
+        `points`: rules/scores.toml's [dkim]; `domain_points`: [dkim_domains], points for a passing
+        signature of these domains (amavis' whitelist_auth habit).
         """
         self.dnsfunc = dnsfunc
         self.dns_budget = timeout
         self.timeout = timeout + 1
         self.max_size = max_size
+        self.points = points or {key: pts for key, (_, pts) in SCORES.items()}
+        self.domain_points = domain_points or {}
 
     def run(self, message: Message) -> Finding:
+        import dkim
+
         if message.size > self.max_size:  # dkimpy holds the whole message in memory
             return self.finding("skipped", detail=f"larger than max_size ({message.size} > {self.max_size} bytes)")
         if not _SIGNED.search(message.header_section()):  # most mail: no need to load and parse all of it
-            return self.finding("ok")
+            return self._ok(())
         with message.open() as stream:
             data = stream.read()
         try:
             verifier = dkim.DKIM(data, logger=_SILENT, minkey=1024)
         except (dkim.DKIMException, IndexError) as e:  # a header line dkimpy cannot split: nothing can be verified
-            return self.finding("ok", detail=printable(f"header section not parsed: {e}"))
+            return self._ok((), printable(f"header section not parsed: {e}"))
         signatures = [value for name, value in verifier.headers if name.lower() == b"dkim-signature"]
         keys = _Keys(self.dnsfunc, time.monotonic() + self.dns_budget)
         results = tuple(_verify(verifier, i, value, keys) for i, value in enumerate(signatures[:MAX_SIGNATURES]))
         more = len(signatures) - MAX_SIGNATURES
-        return self.finding("ok", dkim=results, detail=f"{more} more signatures not verified" if more > 0 else "")
+        return self._ok(results, f"{more} more signatures not verified" if more > 0 else "")
+
+    def _ok(self, results: tuple[DkimResult, ...], detail: str = "") -> Finding:
+        """The results with the points they earn: signed, valid or invalid, and per trusted domain."""
+        symbols = []
+        if results:
+            passed = {r.domain.lower() for r in results if r.result == "pass"}
+            symbols = [self._symbol("signed"), self._symbol("valid" if passed else "invalid")]
+            symbols += [(f"DKIM_DOMAIN_{d}", self.domain_points[d]) for d in sorted(passed & self.domain_points.keys())]
+        return scored(
+            self.name, "ok", symbols, critical=self.critical, detail=detail, authentication=results or (UNSIGNED,), data=results
+        )
+
+    def _symbol(self, key: str) -> tuple[str, float]:
+        return SCORES[key][0], self.points[key]
 
 
 class _Keys:
@@ -96,6 +181,9 @@ class _Keys:
 
 
 def _verify(verifier: dkim.DKIM, idx: int, header_value: bytes, keys: _Keys) -> DkimResult:
+    import dkim
+    from dkim.util import InvalidTagValueList, parse_tag_value
+
     try:
         tags = parse_tag_value(header_value)
     except InvalidTagValueList as e:  # d= and s= unknown: dkimpy would fail the same way
@@ -132,6 +220,9 @@ def _verify(verifier: dkim.DKIM, idx: int, header_value: bytes, keys: _Keys) -> 
 
 def _key_problem(name: bytes, record: bytes) -> str:
     """Why a key record cannot verify anything, or "" when it is a usable key."""
+    import dkim
+    from dkim.util import InvalidTagValueList, parse_tag_value
+
     shown = _text(name, 120)
     if not record:
         return f"no key record at {shown}"

@@ -36,18 +36,61 @@ import email.policy
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import getaddresses
+from typing import ClassVar, Literal
 
-from publicsuffixlist import PublicSuffixList
+import authres.dmarc
 
 from ..dns import DnsError
-from ..findings import DmarcResult, Finding
+from ..findings import Finding, scored
 from ..message import Message
 from ..sanitize import printable
-from . import Check
+from ..tomlschema import POSITIVE
+from . import Check, register
+from .dkim import SCORES as DKIM_SCORES
+from .spf import SpfResult
 
 POLICIES = ("none", "quarantine", "reject")
+# rules/scores.toml [dmarc]: SpamAssassin's names and points (its network score set, Bayes off)
+SCORES = {
+    "pass": ("DMARC_PASS", -0.001),
+    "reject": ("DMARC_REJECT", 1.797),  # failed, and the domain asks for reject
+    "quarantine": ("DMARC_QUAR", 1.198),
+    "none": ("DMARC_NONE", 0.898),  # failed under p=none
+    "missing": ("DMARC_MISSING", 0.001),  # no DMARC record
+}
+
+
+@dataclass(frozen=True)
+class DmarcResult:
+    """DMARC for the From domain: identifier alignment of the DKIM and SPF results, and the owner's policy."""
+
+    method: ClassVar[str] = "dmarc"
+    plural: ClassVar[bool] = False
+    listed: ClassVar[bool] = True
+    result: Literal["pass", "fail", "none", "temperror", "permerror"]
+    domain: str  # the RFC5322.From domain, sanitised
+    policy: Literal["none", "quarantine", "reject", ""] = ""  # p= (or sp= for a subdomain); "" without a record
+    disposition: Literal["none", "quarantine", "reject"] = "none"  # what the policy asks for this message
+    detail: str = ""
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in vars(self).items() if v}
+
+    def authres(self) -> object:
+        return authres.dmarc.DMARCAuthenticationResult(
+            result=self.result, header_from=self.domain or None, policy=self.policy or None
+        )
+
+
+@dataclass(frozen=True)
+class DmarcSettings:
+    """DMARC for the From domain; built only when [dkim] and [spf] are both enabled (it judges their results)."""
+
+    enabled: bool = True
+    timeout: float = field(default=10.0, metadata=POSITIVE)  # seconds for the policy lookups (From and org domain)
+
 
 # 6.6.3 step 2: a DMARC record starts with v=DMARC1 ("DMARC1" is case-sensitive, 6.3)
 _VERSION = re.compile(r"\s*[vV]\s*=\s*DMARC1\s*(?:;|$)")
@@ -144,20 +187,39 @@ def _normalise(domain: str) -> str:
     return ascii_name
 
 
+@register(
+    name="dmarc",
+    settings=DmarcSettings,
+    order=70,
+    after=("dkim", "spf"),
+    needs=("dkim", "spf"),
+    scores={"dmarc": SCORES},
+    build=lambda s, runtime: DmarcCheck(runtime.resolver.lookup, s.timeout, runtime.rules.scores),
+)
 class DmarcCheck(Check):
-    name = "dmarc"
-    after = ("dkim", "spf")
-
-    def __init__(self, lookup: Callable[..., list], timeout: float = 10.0):
+    def __init__(
+        self,
+        lookup: Callable[..., list],
+        timeout: float = 10.0,
+        points: Mapping[str, Mapping[str, float]] | None = None,
+    ):
         """`lookup(name, rdtype, timeout)` as milterd.dns.Resolver.lookup: [] for no record, DnsError on failure.
 
         `timeout` bounds the policy lookups of one message (two at most); the pipeline's deadline
-        is a second later, so a slow DNS shows as temperror, not as a check timeout.
+        is a second later, so a slow DNS shows as temperror, not as a check timeout. `points`:
+        rules/scores.toml's [dmarc], and [dkim]'s valid_author (a passing signature of the From
+        domain, which only DMARC knows).
         """
+        from publicsuffixlist import PublicSuffixList
+
         self.lookup = lookup
         self.dns_budget = timeout
         self.timeout = timeout + 1
         self._psl = PublicSuffixList()  # read-only after loading: shared by every thread
+        self.points = points or {
+            "dmarc": {key: pts for key, (_, pts) in SCORES.items()},
+            "dkim": {key: pts for key, (_, pts) in DKIM_SCORES.items()},
+        }
 
     def org_domain(self, domain: str) -> str:
         """RFC 7489 3.2: the public suffix plus one label; a public suffix is its own."""
@@ -182,7 +244,7 @@ class DmarcCheck(Check):
         try:
             domain = from_domain(message)
         except FromError as e:
-            return self._result("permerror", "", detail=str(e))
+            return self._result(earlier, "permerror", "", detail=str(e))
         deadline = time.monotonic() + self.dns_budget
         org = self.org_domain(domain)
         try:
@@ -190,16 +252,16 @@ class DmarcCheck(Check):
             if not records and org != domain:
                 records, where = self._records(org, deadline), org
         except DnsError as e:
-            return self._result("temperror", domain, detail=f"policy lookup: {e}")
+            return self._result(earlier, "temperror", domain, detail=f"policy lookup: {e}")
         if not records:
             tried = f"_dmarc.{domain}" + (f" nor at _dmarc.{org}" if org != domain else "")
-            return self._result("none", domain, detail=f"no DMARC record at {tried}")
+            return self._result(earlier, "none", domain, detail=f"no DMARC record at {tried}")
         if len(records) > 1:
-            return self._result("none", domain, detail=f"{len(records)} DMARC records at _dmarc.{where}")
+            return self._result(earlier, "none", domain, detail=f"{len(records)} DMARC records at _dmarc.{where}")
         try:
             record = parse_record(records[0])
         except RecordError as e:
-            return self._result("permerror", domain, detail=f"_dmarc.{where}: {e}")
+            return self._result(earlier, "permerror", domain, detail=f"_dmarc.{where}: {e}")
         policy = record.sp if where != domain and record.sp else record.p
         return self._evaluate(message, earlier, domain, record, policy)
 
@@ -216,7 +278,7 @@ class DmarcCheck(Check):
             unknown.append(f"DKIM {dkim.status if dkim else 'not run'}")
             transient |= dkim is not None and dkim.failed
         else:
-            for signature in dkim.dkim:
+            for signature in (r for r in dkim.authentication if r.method == "dkim" and r.listed):
                 if not self.aligned(domain, signature.domain, record.adkim):
                     seen.append(f"dkim {signature.result} d={signature.domain} (not aligned)")
                 elif signature.result == "pass":
@@ -231,7 +293,7 @@ class DmarcCheck(Check):
         if spf_finding is None or spf_finding.status != "ok":
             unknown.append(f"SPF {spf_finding.status if spf_finding else 'not run'}")
             transient |= spf_finding is not None and spf_finding.failed
-        elif (spf := spf_finding.spf) is not None:
+        elif (spf := next((r for r in spf_finding.authentication if isinstance(r, SpfResult)), None)) is not None:
             # RFC 7489 3.1.2: the MAIL FROM identity; HELO only stands in for a null reverse-path,
             # which is the one case SpfCheck checks it (postmaster@HELO, RFC 7208 2.4).
             usable = spf.identity == "mailfrom" or not message.envelope.mail_from.strip("<> ")
@@ -249,14 +311,15 @@ class DmarcCheck(Check):
         if record.pct < 100:
             notes.append(f"pct={record.pct} not applied")
         if passed:
-            return self._result("pass", domain, policy, detail="; ".join(["aligned: " + ", ".join(passed), *notes]))
+            detail = "; ".join(["aligned: " + ", ".join(passed), *notes])
+            return self._result(earlier, "pass", domain, policy, detail=detail)
         if transient:
             detail = "no aligned pass yet: " + ", ".join(unknown)
-            return self._result("temperror", domain, policy, detail="; ".join([detail, *notes]))
+            return self._result(earlier, "temperror", domain, policy, detail="; ".join([detail, *notes]))
         if unknown:
             return self.finding("skipped", detail=printable("no aligned pass, and " + ", ".join(unknown), 200))
         detail = "no aligned DKIM or SPF pass" + (": " + ", ".join(seen) if seen else "")
-        return self._result("fail", domain, policy, policy, detail="; ".join([detail, *notes]))
+        return self._result(earlier, "fail", domain, policy, policy, detail="; ".join([detail, *notes]))
 
     def _records(self, domain: str, deadline: float) -> list[str]:
         """The DMARC records at _dmarc.<domain> (other TXT records there are not DMARC's)."""
@@ -267,9 +330,27 @@ class DmarcCheck(Check):
         return [text for text in texts if is_dmarc_record(text)]
 
     def _result(
-        self, result: str, domain: str, policy: str = "", disposition: str = "none", detail: str = ""
+        self,
+        earlier: Mapping[str, Finding],
+        result: str,
+        domain: str,
+        policy: str = "",
+        disposition: str = "none",
+        detail: str = "",
     ) -> Finding:
-        return self.finding(
-            "ok",
-            dmarc=DmarcResult(result, printable(domain, 255), policy, disposition, printable(detail, 200)),  # type: ignore[arg-type]
-        )
+        """The result with its points, DKIM_VALID_AU among them; a fail under p=reject asks for a reject."""
+        dmarc = DmarcResult(result, printable(domain, 255), policy, disposition, printable(detail, 200))  # type: ignore[arg-type]
+        signed_by = {
+            r.domain.lower()
+            for f in earlier.values()
+            for r in f.authentication
+            if r.method == "dkim" and r.result == "pass"
+        }
+        symbols = []
+        if domain and domain in signed_by:
+            symbols.append((DKIM_SCORES["valid_author"][0], self.points["dkim"]["valid_author"]))
+        key = {"pass": "pass", "none": "missing", "fail": disposition}.get(result)
+        if key:
+            symbols.append((SCORES[key][0], self.points["dmarc"][key]))
+        reject = f"DMARC policy of {dmarc.domain} is reject" if result == "fail" and disposition == "reject" else ""
+        return scored(self.name, "ok", symbols, critical=self.critical, authentication=(dmarc,), policy_reject=reject, data=dmarc)

@@ -11,21 +11,33 @@ import email
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-
-import pyzor
-import pyzor.client
-import pyzor.digest
+from dataclasses import dataclass, field
+from functools import cache
 
 from ..cache import TtlCache
 from ..findings import Finding
 from ..message import Message
 from ..sanitize import printable
-from . import Check
+from ..tomlschema import POSITIVE
+from . import Check, register
 
 TEST = "PYZOR_CHECK"
-CACHE_TTL = 60.0  # seconds an answer is reused
-CACHE_ENTRIES = 10_000
+# rules/scores.toml [pyzor]: SpamAssassin's thresholds and points (PYZOR_CHECK)
+SCORES = {"count_min": 5, "whitelist_min": 10, "whitelist_factor": 0.2, "points": 1.985}
+
+
+@dataclass(frozen=True)
+class PyzorSettings:
+    """Pyzor digests checked against its servers; off by default, as it asks an outside server."""
+
+    enabled: bool = False
+    servers: tuple[str, ...] = field(default=("public.pyzor.org:24441",), metadata=POSITIVE)  # HOST:PORT
+    timeout: float = field(default=5.0, metadata=POSITIVE)
+    max_size: int = field(default=512000, metadata=POSITIVE)  # larger ones are not digested (spamc's limit)
+    cache_ttl: float = 60.0  # seconds an answer is reused (a burst of the same spam asks once); 0 = no cache
+    cache_entries: int = field(default=10_000, metadata=POSITIVE)  # answers kept at most, the oldest dropped first
+
+
 # SpamAssassin ignores counts this large: they come from digests of near-empty bodies.
 COUNT_LIMIT, WL_COUNT_LIMIT = 1_000_000, 10_000
 
@@ -50,19 +62,23 @@ Query = Callable[[str, tuple[str, int], float], tuple[int, int]]
 
 def digest(raw: bytes) -> str:
     """The message's Pyzor digest, exactly as `pyzor check` and `pyzor report` compute it."""
+    import pyzor.digest
+
     return pyzor.digest.DataDigester(email.message_from_bytes(raw)).value
 
 
-class _Client(pyzor.client.Client):
-    """pyzor's client on a connected UDP socket.
+@cache
+def _client_class() -> type:
+    """pyzor's client on a connected UDP socket (made once, when it is first used).
 
     pyzor sends with sendto on an unconnected socket, where Linux drops the ICMP "port
     unreachable" of a server that is down: every dead server then costs the whole timeout. On a
     connected socket the read fails at once (ECONNREFUSED), and only the server can answer.
     """
+    import pyzor
+    import pyzor.client
 
-    @staticmethod
-    def _send(msg, addr):
+    def send(msg, addr):
         data = msg.as_string().encode("utf8")
         for af, socktype, proto, _, sa in socket.getaddrinfo(
             addr[0], addr[1], 0, socket.SOCK_DGRAM, socket.IPPROTO_UDP
@@ -77,10 +93,12 @@ class _Client(pyzor.client.Client):
             return sock
         raise pyzor.CommError(f"unable to send to {addr[0]}:{addr[1]}")
 
+    return type("Client", (pyzor.client.Client,), {"_send": staticmethod(send)})
+
 
 def pyzor_query(digest: str, address: tuple[str, int], timeout: float) -> tuple[int, int]:
     """A real Pyzor CHECK over UDP, anonymous, as the pyzor command sends it."""
-    response = _Client(timeout=timeout).check(digest, address)
+    response = _client_class()(timeout=timeout).check(digest, address)
     if not response.is_ok():
         raise PyzorError(f"code {response.get_code()}: {response.get_diag()}")
     try:
@@ -107,10 +125,16 @@ def is_hit(count: int, wl_count: int, scoring: Mapping[str, float]) -> bool:
     return count >= scoring["count_min"]
 
 
+@register(
+    name="pyzor",
+    settings=PyzorSettings,
+    order=80,
+    scores={"pyzor": SCORES},
+    build=lambda s, runtime: PyzorCheck(
+        s.servers, s.timeout, s.max_size, runtime.scores("pyzor"), cache=TtlCache(s.cache_ttl, s.cache_entries)
+    ),
+)
 class PyzorCheck(Check):
-    name = "pyzor"
-    critical = False
-
     def __init__(
         self,
         servers: Sequence[str],
@@ -125,7 +149,9 @@ class PyzorCheck(Check):
         self.max_size = max_size
         self.scoring = dict(scoring)
         self.query = query
-        self.cache: TtlCache[Counts] = cache if cache is not None else TtlCache(CACHE_TTL, CACHE_ENTRIES)
+        self.cache: TtlCache[Counts] = (
+            cache if cache is not None else TtlCache(PyzorSettings.cache_ttl, PyzorSettings.cache_entries)
+        )
 
     def run(self, message: Message) -> Finding:
         deadline = time.monotonic() + self.timeout
@@ -147,11 +173,13 @@ class PyzorCheck(Check):
         detail = f"count {counts.count}, whitelisted {counts.wl_count} ({counts.server}{', cached' if cached else ''})"
         if is_hit(counts.count, counts.wl_count, self.scoring):
             points = self.scoring["points"]
-            return self.finding("ok", spam_score=points, spam_tests=((TEST, points),), detail=detail)
+            return self.finding("ok", score=points, symbols=((TEST, points),), detail=detail)
         return self.finding("ok", detail=detail)
 
     def _ask(self, key: str, deadline: float) -> tuple[Counts | None, Finding]:
         """The first server's answer that comes within the deadline, or the finding that says why none did."""
+        import pyzor
+
         failures, timeouts = [], 0
         for i, server in enumerate(self.servers):
             # A share of what is left, so a server that is down cannot eat the next one's turn.
@@ -176,8 +204,10 @@ class PyzorCheck(Check):
 
 def report(raw: bytes, servers: Sequence[str], timeout: float, *, spam: bool) -> list[str]:
     """Tell every server the message is spam (pyzor's report) or ham (its whitelist); the failures, one per server."""
+    import pyzor
+
     key = digest(raw)
-    client = _Client(timeout=timeout)
+    client = _client_class()(timeout=timeout)
     failures = []
     for server in servers:
         try:

@@ -21,18 +21,19 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from ..cache import TtlCache
 from ..findings import Finding
 from ..message import CHUNK, Message
 from ..sanitize import printable
-from . import Check
+from ..tomlschema import POSITIVE
+from . import Check, register
 
 TEST, CF_TEST = "RAZOR2_CHECK", "RAZOR2_CF_RANGE_51_100"
-CACHE_TTL = 60.0  # seconds an answer is reused
-CACHE_ENTRIES = 10_000
+# rules/scores.toml [razor]: SpamAssassin's points for RAZOR2_CHECK and RAZOR2_CF_RANGE_51_100
+SCORES = {"points": 1.729, "cf_min": 51, "cf_points": 2.430}
 MAX_OUTPUT = 256 << 10  # bytes kept of each of stdout and stderr; the rest is read and dropped
 
 # "mail 1.0 e=4 sig=...: Is spam: cf 93 >= min_cf 50" (or "Not spam: cf 30 < min_cf 50")
@@ -163,10 +164,28 @@ def report(raw: bytes, command: str, homedir: str, timeout: float, *, spam: bool
     return [printable(f"{os.path.basename(tool)} exit {returncode}: {why}", 300)]
 
 
-class RazorCheck(Check):
-    name = "razor"
-    critical = False
+@dataclass(frozen=True)
+class RazorSettings:
+    """Razor through Debian's razor-check; off by default, as it asks outside servers."""
 
+    enabled: bool = False
+    command: str = "razor-check"
+    homedir: str = ""  # razor's -home (its identity and server list); "" = the running user's ~/.razor
+    timeout: float = field(default=5.0, metadata=POSITIVE)
+    cache_ttl: float = 60.0  # seconds an answer is reused (a burst of the same spam asks once); 0 = no cache
+    cache_entries: int = field(default=10_000, metadata=POSITIVE)  # answers kept at most, the oldest dropped first
+
+
+@register(
+    name="razor",
+    settings=RazorSettings,
+    order=90,
+    scores={"razor": SCORES},
+    build=lambda s, runtime: RazorCheck(
+        s.command, s.homedir, s.timeout, runtime.scores("razor"), TtlCache(s.cache_ttl, s.cache_entries)
+    ),
+)
+class RazorCheck(Check):
     def __init__(
         self,
         command: str,
@@ -178,7 +197,9 @@ class RazorCheck(Check):
         self.argv = [command, "-d", "-dl=9"] + ([f"-home={homedir}"] if homedir else [])
         self.timeout = timeout
         self.scoring = dict(scoring)
-        self.cache: TtlCache[Answer] = cache if cache is not None else TtlCache(CACHE_TTL, CACHE_ENTRIES)
+        self.cache: TtlCache[Answer] = (
+            cache if cache is not None else TtlCache(RazorSettings.cache_ttl, RazorSettings.cache_entries)
+        )
 
     def run(self, message: Message) -> Finding:
         key = message.sha256()
@@ -206,4 +227,4 @@ class RazorCheck(Check):
         detail += ", cached" if cached else ""
         if not tests:
             return self.finding("ok", detail=detail)
-        return self.finding("ok", spam_score=round(sum(p for _, p in tests), 3), spam_tests=tuple(tests), detail=detail)
+        return self.finding("ok", score=round(sum(p for _, p in tests), 3), symbols=tuple(tests), detail=detail)

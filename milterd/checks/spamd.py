@@ -9,11 +9,13 @@ from __future__ import annotations
 import re
 import socket
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from ..findings import Finding
 from ..message import CHUNK, Message
 from ..sanitize import printable
-from . import Check
+from ..tomlschema import POSITIVE
+from . import Check, register
 
 MAX_REPLY = 4 << 20
 _STATUS = re.compile(rb"^SPAMD/\d+\.\d+ (\d+) (.*)$")
@@ -64,11 +66,24 @@ def _connect(address: str, timeout: float) -> socket.socket:
     return sock
 
 
-class SpamdCheck(Check):
-    name = "spamd"
-    critical = True
-    after = ("clamav",)
+@dataclass(frozen=True)
+class SpamdSettings:
+    enabled: bool = True
+    # HOST:PORT or a unix socket path; a list is a failover pool
+    address: tuple[str, ...] = field(default=("127.0.0.1:783",), metadata=POSITIVE)
+    timeout: float = field(default=60.0, metadata=POSITIVE)
+    max_size: int = 512000  # larger messages skip SpamAssassin, as spamc does
 
+
+@register(
+    name="spamd",
+    settings=SpamdSettings,
+    order=20,
+    critical=True,
+    after=("clamav",),
+    build=lambda s, _: SpamdCheck(s.address, s.timeout, s.max_size),
+)
+class SpamdCheck(Check):
     def __init__(self, addresses: Sequence[str], timeout: float, max_size: int):
         self.addresses = tuple(addresses)
         self.timeout = timeout
@@ -100,7 +115,7 @@ class SpamdCheck(Check):
                 return self.finding("error", detail=printable(f"{address}: {e}"))
             finally:
                 sock.close()
-            return self.finding("ok", spam_score=score, spam_tests=tests, detail=f"required {required:g}")
+            return self.finding("ok", score=score, symbols=tests, detail=f"required {required:g}")
         return self.finding("unavailable", detail=printable("; ".join(failures), 500))
 
     @staticmethod

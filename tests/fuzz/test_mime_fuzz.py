@@ -16,12 +16,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from milterd.checks.banned import BannedSettings
 from milterd.message import Envelope, Message, Spool
-from milterd.mime import Inspection, Limits, inspect
+from milterd.mime import Inspection, Walker
 
 pytestmark = pytest.mark.fuzz
 
-LIMITS = Limits(timeout=2.0)
+LIMITS = BannedSettings(timeout=2.0)
+WALKER = Walker(LIMITS)
 FUZZ = settings(
     max_examples=200,
     deadline=timedelta(seconds=LIMITS.timeout + 1),
@@ -76,7 +78,7 @@ def walk(raw: bytes) -> Inspection:
     spool = Spool()
     spool.write(raw)
     started = time.monotonic()
-    result = inspect(Message(Envelope(), spool), LIMITS)
+    result = WALKER.inspect(Message(Envelope(), spool))
     assert time.monotonic() - started < LIMITS.timeout + 1
     assert isinstance(result, Inspection)
     if result.unchecked:

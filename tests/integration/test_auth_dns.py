@@ -79,7 +79,7 @@ def message(data: bytes, **envelope) -> Message:
 def dkim_results(nameserver: str, data: bytes) -> list[tuple[str, str, str]]:
     finding = DkimCheck(Resolver([nameserver], timeout=2).dkim_txt, timeout=5).run(message(data))
     assert finding.status == "ok"
-    return [(d.result, d.selector, d.detail) for d in finding.dkim]
+    return [(d.result, d.selector, d.detail) for d in finding.data]
 
 
 def test_dkim_pass_with_a_2048_bit_key_split_over_txt_strings(nameserver):
@@ -125,7 +125,7 @@ def spf_result(nameserver: str, sender: str, client_ip: str, helo: str = "mail.s
     check = SpfCheck(Resolver([nameserver], timeout=dns_timeout).spf_lookup, timeout=5)
     finding = check.run(message(b"", mail_from=sender, client_ip=client_ip, helo=helo))
     assert finding.status == "ok"
-    return finding.spf
+    return finding.data
 
 
 @pytest.mark.parametrize(

@@ -12,10 +12,10 @@ import pytest
 
 from milterd.checks.dcc import DccCheck
 from milterd.message import Envelope, Message, Spool
-from milterd.scores import COLLABORATIVE
+from milterd.scores import default_scores
 from tests.fake_dccifd import start_fake_dccifd
 
-SCORING = COLLABORATIVE["dcc"]
+SCORING = default_scores()["dcc"]
 MANY = {"Body": "many", "Fuz1": "many", "Fuz2": "many"}
 ENVELOPE = Envelope(
     mail_from="sender@remote.test",
@@ -47,21 +47,21 @@ def message(body: bytes, envelope: Envelope = ENVELOPE, threshold: int = 1 << 20
 def test_bulk_message_hits_dcc_check_with_its_points(dccifd):
     finding = DccCheck(str(dccifd.socket_path), 5, SCORING).run(message(b"buy now BULK-DCC-TOKEN"))
     assert finding.status == "ok"
-    assert finding.spam_score == SCORING["points"]
-    assert finding.spam_tests == (("DCC_CHECK", SCORING["points"]),)
+    assert finding.score == SCORING["points"]
+    assert finding.symbols == (("DCC_CHECK", SCORING["points"]),)
     assert finding.detail.startswith("Body=many Fuz1=many Fuz2=many")
 
 
 def test_low_counts_are_no_hit(dccifd):
     finding = DccCheck(str(dccifd.socket_path), 5, SCORING).run(message(b"lunch on Thursday?"))
-    assert (finding.status, finding.spam_score, finding.spam_tests) == ("ok", None, ())
+    assert (finding.status, finding.score, finding.symbols) == ("ok", None, ())
     assert finding.detail.startswith("Body=1 Fuz1=2 Fuz2=3")
 
 
 def test_lower_thresholds_from_scores_toml_count(dccifd):
     scoring = {**SCORING, "fuz2_max": 3}
     finding = DccCheck(str(dccifd.socket_path), 5, scoring).run(message(b"lunch on Friday?"))
-    assert finding.spam_tests == (("DCC_CHECK", SCORING["points"]),)
+    assert finding.symbols == (("DCC_CHECK", SCORING["points"]),)
 
 
 def test_the_fake_received_the_envelope_and_message_milterd_sent(dccifd):
@@ -97,7 +97,7 @@ def test_answers_are_cached_by_message(dccifd):
     asked = len(dccifd.requests())
     second = check.run(message(b"cache me BULK-DCC-TOKEN"))
     assert len(dccifd.requests()) == asked
-    assert second.spam_tests == first.spam_tests
+    assert second.symbols == first.symbols
     assert second.detail.endswith(", cached)")
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from milterd.checks.pyzor import PyzorCheck, digest
 from milterd.message import Envelope, Message, Spool
-from milterd.scores import COLLABORATIVE
+from milterd.scores import default_scores
 from tests.conftest import MILTERD, ROOT
 
 TIMEOUT = 1.0
@@ -68,7 +68,7 @@ def scan(cfg: Path, eml: Path) -> dict:
 
 
 def check(pyzord, *servers: str) -> PyzorCheck:
-    return PyzorCheck(servers or (pyzord.address,), TIMEOUT, 512000, COLLABORATIVE["pyzor"])
+    return PyzorCheck(servers or (pyzord.address,), TIMEOUT, 512000, default_scores()["pyzor"])
 
 
 def test_digest_is_pyzors_own(pyzord, tmp_path):
@@ -86,13 +86,13 @@ def test_reported_count_min_times_hits(pyzord, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("pyzor: reported as spam") == 4
     below = check(pyzord).run(message(eml.read_bytes()))
-    assert (below.status, below.spam_score, below.spam_tests) == ("ok", None, ())
+    assert (below.status, below.score, below.symbols) == ("ok", None, ())
     assert below.detail.startswith("count 4, whitelisted 0")
 
     assert report(cfg, "spam", eml, 1).returncode == 0
     hit = check(pyzord).run(message(eml.read_bytes()))
     assert hit.status == "ok"
-    assert hit.spam_tests == (("PYZOR_CHECK", 1.985),) and hit.spam_score == 1.985
+    assert hit.symbols == (("PYZOR_CHECK", 1.985),) and hit.score == 1.985
     assert hit.detail.startswith("count 5, whitelisted 0")
 
     scanned = scan(cfg, eml)  # the same through the engine, as the milter sees it
@@ -102,7 +102,7 @@ def test_reported_count_min_times_hits(pyzord, tmp_path):
 
 def test_a_message_nobody_reported_is_not_hit(pyzord):
     finding = check(pyzord).run(message(mail(spam_text())))
-    assert (finding.status, finding.spam_tests) == ("ok", ())
+    assert (finding.status, finding.symbols) == ("ok", ())
     assert finding.detail.startswith("count 0, whitelisted 0")
 
 
@@ -112,11 +112,11 @@ def test_whitelisted_enough_is_not_hit(pyzord, tmp_path):
     cfg = config(tmp_path, pyzord.address)
     assert report(cfg, "spam", eml, 6).returncode == 0
     assert report(cfg, "ham", eml, 9).returncode == 0
-    assert check(pyzord).run(message(eml.read_bytes())).spam_tests == (("PYZOR_CHECK", 1.985),)  # 9 < whitelist_min
+    assert check(pyzord).run(message(eml.read_bytes())).symbols == (("PYZOR_CHECK", 1.985),)  # 9 < whitelist_min
     done = report(cfg, "ham", eml, 1)
     assert done.returncode == 0 and "pyzor: reported as ham" in done.stdout
     finding = check(pyzord).run(message(eml.read_bytes()))
-    assert (finding.status, finding.spam_tests) == ("ok", ())
+    assert (finding.status, finding.symbols) == ("ok", ())
     assert finding.detail.startswith("count 6, whitelisted 10")
 
 
@@ -166,7 +166,7 @@ def test_a_silent_server_times_out_within_the_deadline(tmp_path):
         silent.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{silent.getsockname()[1]}"
         t0 = time.monotonic()
-        finding = PyzorCheck((address, address), TIMEOUT, 512000, COLLABORATIVE["pyzor"]).run(
+        finding = PyzorCheck((address, address), TIMEOUT, 512000, default_scores()["pyzor"]).run(
             message(mail(spam_text()))
         )
         elapsed = time.monotonic() - t0

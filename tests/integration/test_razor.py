@@ -21,10 +21,10 @@ import pytest
 
 from milterd.checks.razor import Answer, RazorCheck, RazorError, parse_output, report
 from milterd.message import Envelope, Message, Spool
-from milterd.scores import COLLABORATIVE
+from milterd.scores import default_scores
 
 OUTPUT = Path(__file__).parent / "razor_output"
-SCORING = COLLABORATIVE["razor"]
+SCORING = default_scores()["razor"]
 MAIL = b"From: a@remote.test\r\nTo: u@example.com\r\nSubject: hi\r\n\r\nHello there, a test message body.\r\n"
 
 
@@ -84,13 +84,13 @@ def test_contention_parts_do_not_count():
 def test_scoring():
     check = RazorCheck("razor-check", "", 3.0, SCORING)
     hit = check.score(Answer(spam=True, cf=93))
-    assert dict(hit.spam_tests) == {"RAZOR2_CHECK": 1.729, "RAZOR2_CF_RANGE_51_100": 2.430}
-    assert hit.spam_score == 4.159
-    assert check.score(Answer(spam=True, cf=None)).spam_tests == (("RAZOR2_CHECK", 1.729),)
+    assert dict(hit.symbols) == {"RAZOR2_CHECK": 1.729, "RAZOR2_CF_RANGE_51_100": 2.430}
+    assert hit.score == 4.159
+    assert check.score(Answer(spam=True, cf=None)).symbols == (("RAZOR2_CHECK", 1.729),)
     # razor's own min_cf said no, but SpamAssassin scores the cf range on its own
-    assert check.score(Answer(spam=False, cf=60)).spam_tests == (("RAZOR2_CF_RANGE_51_100", 2.430),)
+    assert check.score(Answer(spam=False, cf=60)).symbols == (("RAZOR2_CF_RANGE_51_100", 2.430),)
     miss = check.score(Answer(spam=False, cf=30))
-    assert miss.status == "ok" and miss.spam_score is None and miss.detail == "not spam, cf 30"
+    assert miss.status == "ok" and miss.score is None and miss.detail == "not spam, cf 30"
 
 
 def test_real_razor_check_without_a_server_is_unavailable_in_time(razor_home):
@@ -100,7 +100,7 @@ def test_real_razor_check_without_a_server_is_unavailable_in_time(razor_home):
     elapsed = time.monotonic() - t0
     assert elapsed < check.timeout + 1
     assert finding.status in ("unavailable", "timeout"), finding
-    assert finding.spam_score is None and not finding.critical
+    assert finding.score is None and not finding.critical
     assert "Bootstrap discovery failed" in finding.detail or finding.status == "timeout"
 
 
@@ -114,10 +114,10 @@ def test_answers_are_cached_by_message(tmp_path):
     script.chmod(0o755)
     check = RazorCheck(str(script), "", 3.0, SCORING)
     first, second = check.run(message()), check.run(message())
-    assert first.spam_score == second.spam_score == 4.159
+    assert first.score == second.score == 4.159
     assert second.detail.endswith("cached")
     assert calls.read_text().count("x") == 1
-    assert check.run(message(MAIL + b"more\r\n")).spam_score == 4.159
+    assert check.run(message(MAIL + b"more\r\n")).score == 4.159
     assert calls.read_text().count("x") == 2
 
 

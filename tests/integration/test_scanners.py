@@ -82,13 +82,13 @@ def test_clamav_down_is_unavailable(tmp_path):
 def test_spamd_scores_gtube_with_its_rules(spamd):
     finding = SpamdCheck([f"127.0.0.1:{spamd.port}"], 30, 512000).run(message(mail(GTUBE.decode())))
     assert finding.status == "ok"
-    assert finding.spam_score >= 1000
-    assert ("GTUBE", 1000.0) in finding.spam_tests
+    assert finding.score >= 1000
+    assert ("GTUBE", 1000.0) in finding.symbols
 
 
 def test_spamd_clean_message_scores_low(spamd):
     finding = SpamdCheck([f"127.0.0.1:{spamd.port}"], 30, 512000).run(message(mail()))
-    assert finding.status == "ok" and finding.spam_score < 2
+    assert finding.status == "ok" and finding.score < 2
 
 
 def test_spamd_down_is_unavailable_and_pool_fails_over(spamd):

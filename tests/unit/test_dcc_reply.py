@@ -6,9 +6,9 @@ import pytest
 
 from milterd.checks.dcc import MANY, DccError, DccReply, is_hit, parse_reply, request_head
 from milterd.message import Envelope, Message, Spool
-from milterd.scores import COLLABORATIVE
+from milterd.scores import default_scores
 
-SCORING = COLLABORATIVE["dcc"]
+SCORING = default_scores()["dcc"]
 
 
 def test_bulk_reply():
@@ -85,8 +85,8 @@ def test_built_when_enabled_with_the_scores_tables_thresholds():
     import dataclasses
 
     from milterd.checks import build_checks
-    from milterd.checks.dcc import DccCheck
-    from milterd.config import DccSettings, load_config
+    from milterd.checks.dcc import DccCheck, DccSettings
+    from milterd.config import load_config
 
     config = load_config(None)
     assert not any(isinstance(c, DccCheck) for c in build_checks(config))

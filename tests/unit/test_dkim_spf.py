@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from milterd.checks import build_checks
-from milterd.checks.dkim import MAX_SIGNATURES, DkimCheck
-from milterd.checks.spf import SpfCheck
-from milterd.config import DkimSettings, DnsSettings, SpfSettings, load_config
+from milterd.checks.dkim import MAX_SIGNATURES, DkimCheck, DkimSettings
+from milterd.checks.spf import SpfCheck, SpfSettings
+from milterd.config import DnsSettings, load_config
 from milterd.dns import DnsError, Resolver, parse_nameserver
 from milterd.message import Envelope, Message, Spool
 from milterd.tomlschema import ConfigError
@@ -44,7 +44,7 @@ def message(data: bytes, **envelope) -> Message:
 def verify(data: bytes, keys: Keys, **options):
     finding = DkimCheck(keys, **options).run(message(data))
     assert finding.status == "ok" and not finding.critical
-    return [(d.result, d.domain, d.selector, d.algorithm) for d in finding.dkim], [d.detail for d in finding.dkim]
+    return [(d.result, d.domain, d.selector, d.algorithm) for d in finding.data], [d.detail for d in finding.data]
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_l_tag_covers_part_of_the_body_so_appended_text_still_passes(keys):
 
 def test_no_signature_is_ok_with_no_results(keys):
     finding = DkimCheck(keys).run(message(dkimkeys.message()))
-    assert (finding.status, finding.dkim, finding.detail) == ("ok", (), "")
+    assert (finding.status, finding.data, finding.detail) == ("ok", (), "")
 
 
 @pytest.mark.parametrize(
@@ -188,7 +188,7 @@ def test_only_the_first_signatures_are_verified(keys):
     for _ in range(MAX_SIGNATURES + 2):
         signed = dkimkeys.sign(signed, dkimkeys.ed25519(), DOMAIN, "ed")
     finding = DkimCheck(keys).run(message(signed))
-    assert len(finding.dkim) == MAX_SIGNATURES and finding.detail == "2 more signatures not verified"
+    assert len(finding.data) == MAX_SIGNATURES and finding.detail == "2 more signatures not verified"
 
 
 def test_larger_than_max_size_is_skipped(keys):
@@ -206,7 +206,7 @@ def test_larger_than_max_size_is_skipped(keys):
 )
 def test_header_section_dkimpy_cannot_split_is_ok_without_results(keys, data):
     finding = DkimCheck(keys).run(message(data))
-    assert finding.status == "ok" and finding.dkim == () and "header section not parsed" in finding.detail
+    assert finding.status == "ok" and finding.data == () and "header section not parsed" in finding.detail
 
 
 @pytest.mark.parametrize(
@@ -247,9 +247,9 @@ def test_a_dead_resolver_costs_the_dns_timeout_and_gives_temperror(silent_server
     t0 = time.monotonic()
     finding = check.run(message(data))
     elapsed = time.monotonic() - t0
-    assert [d.result for d in finding.dkim] == ["temperror", "temperror"]
-    assert finding.dkim[0].detail == "key lookup: sel._domainkey.b.example. TXT: no answer in 0.3s"
-    assert finding.dkim[1].detail == "key lookup: no time left for the lookup"
+    assert [d.result for d in finding.data] == ["temperror", "temperror"]
+    assert finding.data[0].detail == "key lookup: sel._domainkey.b.example. TXT: no answer in 0.3s"
+    assert finding.data[1].detail == "key lookup: no time left for the lookup"
     assert elapsed < check.timeout
 
 
@@ -360,7 +360,7 @@ SPF_ZONE = Zone(
 def spf(mail_from: str, client_ip: str = "192.0.2.1", helo: str = "mx.helo.example"):
     finding = SpfCheck(SPF_ZONE, timeout=2).run(message(b"", mail_from=mail_from, client_ip=client_ip, helo=helo))
     assert finding.status == "ok" and not finding.critical
-    return finding.spf
+    return finding.data
 
 
 @pytest.mark.parametrize(
@@ -418,7 +418,7 @@ def test_a_helo_that_is_not_a_domain_name_is_none_without_a_lookup(helo):
 )
 def test_spf_is_skipped_without_a_remote_unauthenticated_client(envelope, detail):
     finding = SpfCheck(SPF_ZONE).run(message(b"", mail_from="a@fail.example", **envelope))
-    assert (finding.status, finding.detail, finding.spf) == ("skipped", detail, None)
+    assert (finding.status, finding.detail, finding.data) == ("skipped", detail, None)
 
 
 def test_a_client_address_that_is_not_an_ip_is_an_error():
@@ -434,5 +434,5 @@ def test_two_checks_in_two_threads_use_their_own_lookups():
     checks = [SpfCheck(SPF_ZONE), SpfCheck(other)] * 10
     env = {"mail_from": "a@pass.example", "client_ip": "192.0.2.1", "helo": "h.example"}
     with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda c: c.run(message(b"", **env)).spf.result, checks))
+        results = list(pool.map(lambda c: c.run(message(b"", **env)).data.result, checks))
     assert results == ["pass", "fail"] * 10

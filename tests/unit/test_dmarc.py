@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 
 from milterd.checks import Check, build_checks
-from milterd.checks.dmarc import DmarcCheck, FromError, Record, RecordError, from_domain, parse_record
-from milterd.config import DmarcSettings, load_config
+from milterd.checks.dmarc import DmarcCheck, DmarcSettings, FromError, Record, RecordError, from_domain, parse_record
+from milterd.config import load_config
 from milterd.dns import DnsError
 from milterd.findings import DkimResult, Finding, SpfResult
 from milterd.message import Envelope, Message, Spool
@@ -64,7 +64,7 @@ def evaluate(records: dict[str, list[str]], sender: str, dkim_finding=None, spf_
 def result(*args, **kwargs) -> tuple[str, str, str, str]:
     finding = evaluate(*args, **kwargs)
     assert finding.status == "ok", finding.detail
-    d = finding.dmarc
+    d = finding.data
     return d.result, d.domain, d.policy, d.disposition
 
 
@@ -108,7 +108,7 @@ def test_from_problems_are_permerror(headers, problem):
     with pytest.raises(FromError, match=problem.replace("[", r"\[").replace(".", r"\.")):
         from_domain(message(headers))
     finding = DmarcCheck(Zone({}), 1).run_after(message(headers), {})
-    assert finding.dmarc.result == "permerror" and problem in finding.dmarc.detail
+    assert finding.data.result == "permerror" and problem in finding.data.detail
 
 
 def test_from_in_the_body_is_not_the_from_field():
@@ -165,8 +165,8 @@ def test_an_unusable_record_is_permerror_and_p_none_with_a_rua():
 def test_no_record_is_none_after_asking_the_from_and_the_organizational_domain():
     zone = Zone({"_dmarc.example.com.": ["v=spf1 -all"], "_dmarc.mail.example.com.": ["google-site-verification=x"]})
     finding = DmarcCheck(zone, 2).run_after(message("From: a@mail.example.com\n"), {})
-    assert finding.dmarc.result == "none" and finding.dmarc.policy == ""
-    assert finding.dmarc.detail == "no DMARC record at _dmarc.mail.example.com nor at _dmarc.example.com"
+    assert finding.data.result == "none" and finding.data.policy == ""
+    assert finding.data.detail == "no DMARC record at _dmarc.mail.example.com nor at _dmarc.example.com"
     assert zone.asked == ["_dmarc.mail.example.com.", "_dmarc.example.com."]
 
 
@@ -185,13 +185,13 @@ def test_sp_applies_to_a_subdomain_through_the_organizational_domain():
 def test_several_dmarc_records_are_none_and_there_is_no_fallback():
     records = {**REJECT, "_dmarc.news.example.com.": ["v=DMARC1; p=none", "v=DMARC1; p=reject", "other"]}
     finding = evaluate(records, "a@news.example.com")
-    assert finding.dmarc.result == "none" and finding.dmarc.detail == "2 DMARC records at _dmarc.news.example.com"
+    assert finding.data.result == "none" and finding.data.detail == "2 DMARC records at _dmarc.news.example.com"
 
 
 @pytest.mark.parametrize("failing", ["_dmarc.news.example.com.", "_dmarc.example.com."])
 def test_a_dns_failure_is_temperror(failing):
     finding = evaluate(REJECT, "a@news.example.com", failing=(failing,))
-    assert finding.dmarc.result == "temperror" and "SERVFAIL" in finding.dmarc.detail
+    assert finding.data.result == "temperror" and "SERVFAIL" in finding.data.detail
 
 
 def test_v_must_come_first_and_dmarc1_is_case_sensitive():
@@ -234,8 +234,8 @@ def test_alignment(from_domain, d, mode, aligned):
 def test_aligned_dkim_pass_passes():
     records = {"_dmarc.example.co.uk.": ["v=DMARC1; p=reject"]}
     got = evaluate(records, "a@news.example.co.uk", dkim(("fail", "example.co.uk"), ("pass", "mail.example.co.uk")))
-    assert (got.dmarc.result, got.dmarc.policy, got.dmarc.disposition) == ("pass", "reject", "none")
-    assert got.dmarc.detail == "aligned: dkim d=mail.example.co.uk"
+    assert (got.data.result, got.data.policy, got.data.disposition) == ("pass", "reject", "none")
+    assert got.data.detail == "aligned: dkim d=mail.example.co.uk"
 
 
 def test_aligned_spf_pass_passes():
@@ -257,7 +257,7 @@ def test_unaligned_passes_and_aligned_failures_fail_with_the_policy():
         dkim(("pass", "esp.example"), ("fail", "example.com"), ("permerror", "example.com")),
         spf("softfail", "example.com"),
     )
-    d = finding.dmarc
+    d = finding.data
     assert (d.result, d.domain, d.policy, d.disposition) == ("fail", "example.com", "reject", "reject")
     assert d.detail.startswith("no aligned DKIM or SPF pass: dkim pass d=esp.example (not aligned), dkim fail")
 
@@ -265,8 +265,8 @@ def test_unaligned_passes_and_aligned_failures_fail_with_the_policy():
 def test_pct_is_not_applied_but_said():
     records = {"_dmarc.example.com.": ["v=DMARC1; p=quarantine; pct=10"]}
     finding = evaluate(records, "a@example.com")
-    assert (finding.dmarc.result, finding.dmarc.disposition) == ("fail", "quarantine")
-    assert finding.dmarc.detail.endswith("; pct=10 not applied")
+    assert (finding.data.result, finding.data.disposition) == ("fail", "quarantine")
+    assert finding.data.detail.endswith("; pct=10 not applied")
 
 
 def test_spf_helo_counts_only_for_a_null_sender():
@@ -276,7 +276,7 @@ def test_spf_helo_counts_only_for_a_null_sender():
     got = check.run_after(
         message("From: a@example.com\n", mail_from="x@other.example"), {"dkim": dkim(), "spf": finding}
     )
-    assert got.dmarc.result == "fail"
+    assert got.data.result == "fail"
 
 
 def test_an_aligned_temperror_is_temperror_not_fail():
@@ -301,7 +301,7 @@ def test_a_failed_dkim_or_spf_check_is_temperror(status):
 def test_a_skipped_dkim_or_spf_check_skips_dmarc_unless_the_other_passes_aligned():
     skipped = Finding("spf", "skipped", detail="no client address")
     finding = evaluate(REJECT, "a@example.com", spf_finding=skipped)
-    assert (finding.status, finding.dmarc, finding.detail) == ("skipped", None, "no aligned pass, and SPF skipped")
+    assert (finding.status, finding.data, finding.detail) == ("skipped", None, "no aligned pass, and SPF skipped")
     assert result(REJECT, "a@example.com", dkim(("pass", "example.com")), skipped)[0] == "pass"
     assert DmarcCheck(Zone(REJECT), 1).run(message("From: a@example.com\n")).status == "skipped"
 
@@ -309,7 +309,7 @@ def test_a_skipped_dkim_or_spf_check_skips_dmarc_unless_the_other_passes_aligned
 def test_domain_and_detail_are_sanitised():
     records = {"_dmarc.example.com.": ["v=DMARC1; p=reject"]}
     finding = evaluate(records, "a@example.com", dkim(("pass", "evil\x1b.example")))
-    assert "\x1b" not in finding.dmarc.detail
+    assert "\x1b" not in finding.data.detail
 
 
 @pytest.mark.parametrize(

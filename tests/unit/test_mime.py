@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import tarfile
 import time
@@ -15,8 +16,9 @@ from pathlib import Path
 import libarchive
 import pytest
 
+from milterd.checks.banned import BannedSettings as Limits
 from milterd.message import Envelope, Message, Spool
-from milterd.mime import Limits, inspect
+from milterd.mime import Walker
 
 pytestmark = pytest.mark.unit
 
@@ -46,6 +48,15 @@ def mail(*attachments: tuple[str, bytes] | EmailMessage, text: str = "Hello.\n")
 
 
 DEFAULTS = Limits()
+
+
+@functools.cache
+def walker(limits: Limits) -> Walker:
+    return Walker(limits)
+
+
+def inspect(msg, limits: Limits = DEFAULTS):
+    return walker(limits).inspect(msg)
 
 
 def scan(raw: bytes | EmailMessage, limits: Limits = DEFAULTS):

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from milterd import message as message_module
-from milterd.actions import fold
 from milterd.checks.spamd import SpamdError, parse_reply
+from milterd.edits import fold
 from milterd.message import Spool
 from milterd.sanitize import address, printable
 

@@ -30,7 +30,7 @@ def clamav(*viruses: str, status: str = "ok") -> Finding:
 
 
 def spamd(score: float, *tests: tuple[str, float]) -> Finding:
-    return Finding("spamd", "ok", critical=True, spam_score=score, spam_tests=tests)
+    return Finding("spamd", "ok", critical=True, score=score, symbols=tests)
 
 
 def down(name: str, status: str = "unavailable") -> Finding:
@@ -140,7 +140,7 @@ def test_categories_are_listed_highest_first_and_the_first_is_the_main_one():
 
 
 def test_the_spam_level_is_the_sum_of_every_checks_score():
-    extra = Finding("pyzor", "ok", spam_score=2.5, spam_tests=(("PYZOR_CHECK", 2.5),))
+    extra = Finding("pyzor", "ok", score=2.5, symbols=(("PYZOR_CHECK", 2.5),))
     v = verdict(spamd(4.0, ("A", 4.0)), extra, local=True)
     assert v.spam_score == 6.5
     assert Category.SPAM in v.categories

@@ -10,9 +10,9 @@ import pyzor
 from milterd.cache import TtlCache
 from milterd.checks.pyzor import PyzorCheck, is_hit
 from milterd.message import Envelope, Message, Spool
-from milterd.scores import COLLABORATIVE
+from milterd.scores import default_scores
 
-SA = COLLABORATIVE["pyzor"]  # count_min 5, whitelist_min 10, whitelist_factor 0.2
+SA = default_scores()["pyzor"]  # count_min 5, whitelist_min 10, whitelist_factor 0.2
 
 
 @pytest.mark.parametrize(
@@ -121,7 +121,7 @@ def check(query, *ports, timeout=4.0, max_size=512000):
 
 def test_hit_scores_pyzor_check():
     finding = check(FakeServers({1: (7, 0)}), 1).run(message())
-    assert finding.spam_score == 1.985 and finding.spam_tests == (("PYZOR_CHECK", 1.985),)
+    assert finding.score == 1.985 and finding.symbols == (("PYZOR_CHECK", 1.985),)
     assert finding.detail == "count 7, whitelisted 0 (127.0.0.1:1)"
     assert not finding.critical
 

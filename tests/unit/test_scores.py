@@ -39,21 +39,21 @@ def test_spf_softfail_and_an_author_signature():
         ),
         Scores(),
     )
-    assert points.spam_tests == (
+    assert points.symbols == (
         ("SPF_SOFTFAIL", 0.972),
         ("DKIM_SIGNED", 0.1),
         ("DKIM_VALID", -0.1),
         ("DKIM_VALID_AU", -0.1),
         ("DMARC_PASS", -0.001),
     )
-    assert points.spam_score == 0.871
+    assert points.score == 0.871
 
 
 def test_failed_dmarc_scores_by_disposition_and_unsigned_mail_has_no_dkim_points():
     points = authentication_points(
         findings(dkim=[], dmarc=DmarcResult("fail", "bank.example", "reject", "reject")), Scores()
     )
-    assert points.spam_tests == (("DMARC_REJECT", 1.797),)
+    assert points.symbols == (("DMARC_REJECT", 1.797),)
 
 
 def test_listed_domains_and_the_helo_identity():
@@ -62,7 +62,7 @@ def test_listed_domains_and_the_helo_identity():
         findings(spf=SpfResult("pass", "helo", "mx.paypal.com"), dkim=[DkimResult("pass", "paypal.com", "s")]),
         scores,
     )
-    assert ("DKIM_DOMAIN_paypal.com", -5.0) in points.spam_tests and ("SPF_HELO_PASS", -1.0) in points.spam_tests
+    assert ("DKIM_DOMAIN_paypal.com", -5.0) in points.symbols and ("SPF_HELO_PASS", -1.0) in points.symbols
 
 
 def test_nothing_verified_adds_nothing():
@@ -71,7 +71,7 @@ def test_nothing_verified_adds_nothing():
 
 def test_points_reach_x_spam_status_beside_spamassassins():
     found = findings(spf=SpfResult("fail", "mailfrom", "example.org"))
-    found["spamd"] = Finding("spamd", "ok", spam_score=1.5, spam_tests=(("HTML_MESSAGE", 1.5),))
+    found["spamd"] = Finding("spamd", "ok", score=1.5, symbols=(("HTML_MESSAGE", 1.5),))
     found["scores"] = authentication_points(found, Scores())
     verdict = decide(found, Policy(tag_level=-999, local=True), sender="a@example.org", hostname="mx")
     status = dict(verdict.headers)["X-Spam-Status"]
