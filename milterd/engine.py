@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import edits as header_edits
@@ -64,12 +64,9 @@ class Disposition:
 
     message: Message
     findings: Mapping[str, Finding]
+    summary: Summary  # the findings' contributions together
     groups: tuple[Outcome, ...]
     error: str = ""  # an internal error stopped the evaluation: why (the groups then tempfail)
-    summary: Summary = field(init=False)
-
-    def __post_init__(self):
-        object.__setattr__(self, "summary", summarize(self.findings))
 
     @property
     def outcome(self) -> Outcome:
@@ -100,7 +97,7 @@ class Engine:
         findings = self.pipeline.run(message)
         found = summarize(findings)
         groups = [self._outcome(message, found, policy, rcpts) for policy, rcpts in _grouped(recipients, self.rules)]
-        return Disposition(message, findings, tuple(groups))
+        return Disposition(message, findings, found, tuple(groups))
 
     def failed(self, message: Message, error: Exception) -> Disposition:
         """The Disposition of a message whose evaluation failed: 451 4.3.0, the sender retries."""
@@ -108,7 +105,7 @@ class Engine:
         ordered = (Category.UNCHECKED,)
         verdict = Verdict(Category.UNCHECKED, ordered, "tempfail", INTERNAL_ERROR, reason=why)
         outcome = Outcome(message.envelope.rcpts, self.rules.policy, verdict)
-        return Disposition(message, {}, (outcome,), error=why)
+        return Disposition(message, {}, summarize({}), (outcome,), error=why)
 
     def after_reply(self, disposition: Disposition) -> None:
         """What follows the decided reply: the log line (later quarantine, notifications, metrics)."""
@@ -119,10 +116,9 @@ class Engine:
 
     def _outcome(self, message: Message, found: Summary, policy: Policy, rcpts: tuple[str, ...]) -> Outcome:
         verdict = decide(found, policy)
+        headers, tag = render.rendered(found, policy, verdict, self.hostname)
         if verdict.action != "accept":
             return Outcome(rcpts, policy, verdict)
-        headers = render.added_headers(found, policy, verdict, self.hostname)
-        tag = render.subject_tag(policy, verdict.categories)
         incoming = message.headers()
         edits = header_edits.header_edits(incoming, headers, tag, self.hostname)
         signatures = tuple(self._signatures(message, found, verdict, incoming, edits))

@@ -13,6 +13,15 @@ from .policy import Category, Policy, Verdict, format_score
 from .sanitize import printable
 
 
+def rendered(
+    found: Summary, policy: Policy, verdict: Verdict, hostname: str
+) -> tuple[tuple[tuple[str, str], ...], str]:
+    """(headers to add, Subject tag) of a passed message; nothing for a blocked one."""
+    if verdict.action != "accept":
+        return (), ""
+    return added_headers(found, policy, verdict, hostname), subject_tag(policy, verdict.categories)
+
+
 def added_headers(found: Summary, policy: Policy, verdict: Verdict, hostname: str) -> tuple[tuple[str, str], ...]:
     """(name, unfolded value) pairs to add, top first."""
     headers = []

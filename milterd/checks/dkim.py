@@ -150,7 +150,13 @@ class DkimCheck(Check):
             symbols = [self._symbol("signed"), self._symbol("valid" if passed else "invalid")]
             symbols += [(f"DKIM_DOMAIN_{d}", self.domain_points[d]) for d in sorted(passed & self.domain_points.keys())]
         return scored(
-            self.name, "ok", symbols, critical=self.critical, detail=detail, authentication=results or (UNSIGNED,), data=results
+            self.name,
+            "ok",
+            symbols,
+            critical=self.critical,
+            detail=detail,
+            authentication=results or (UNSIGNED,),
+            data=results,
         )
 
     def _symbol(self, key: str) -> tuple[str, float]:

@@ -353,4 +353,6 @@ class DmarcCheck(Check):
         if key:
             symbols.append((SCORES[key][0], self.points["dmarc"][key]))
         reject = f"DMARC policy of {dmarc.domain} is reject" if result == "fail" and disposition == "reject" else ""
-        return scored(self.name, "ok", symbols, critical=self.critical, authentication=(dmarc,), policy_reject=reject, data=dmarc)
+        return scored(
+            self.name, "ok", symbols, critical=self.critical, authentication=(dmarc,), policy_reject=reject, data=dmarc
+        )

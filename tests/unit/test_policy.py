@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import pytest
 
-from milterd.findings import Finding
+from milterd import render
+from milterd.findings import Finding, summarize
 from milterd.policy import (
     Category,
     Destinies,
     Destiny,
     Policy,
     Reply,
+    Verdict,
     decide,
     format_score,
     is_own_header,
@@ -26,7 +30,7 @@ SAFE = re.compile(r"[\x20-\x7e]*")  # printable ASCII and space, nothing else
 
 
 def clamav(*viruses: str, status: str = "ok") -> Finding:
-    return Finding("clamav", status, critical=True, viruses=viruses)
+    return Finding("clamav", status, critical=True, virus_scanned=True, viruses=viruses)
 
 
 def spamd(score: float, *tests: tuple[str, float]) -> Finding:
@@ -42,13 +46,27 @@ def policy(destiny: dict | None = None, **settings) -> Policy:
     return Policy(destiny=destinies, **settings)
 
 
-def verdict(*findings: Finding, **settings):
-    return decide(
-        {f.name: f for f in findings},
-        policy(**settings),
-        sender="a@remote.test",
-        hostname=HOST,
-    )
+@dataclass(frozen=True)
+class Outcome:
+    """The verdict and what a passed message carries of it, as the engine renders it: nothing
+    when the message is blocked."""
+
+    verdict: Verdict
+    headers: tuple[tuple[str, str], ...]
+    subject_tag: str
+
+    def __getattr__(self, name: str):
+        return getattr(self.verdict, name)
+
+
+def outcome(findings: Mapping[str, Finding], p: Policy, hostname: str = HOST) -> Outcome:
+    found = summarize(findings)
+    v = decide(found, p)
+    return Outcome(v, *render.rendered(found, p, v, hostname))
+
+
+def verdict(*findings: Finding, **settings) -> Outcome:
+    return outcome({f.name: f for f in findings}, policy(**settings))
 
 
 def header(v, name: str) -> list[str]:
@@ -198,6 +216,28 @@ def test_an_unchecked_message_passed_by_its_destiny_still_meets_the_spam_destiny
 def test_virus_discard_beats_spam_reject():
     v = verdict(clamav(EICAR), spamd(20.0), destiny={"spam": "REJECT"})
     assert (v.action, v.reason) == ("discard", f"virus {EICAR} found")
+
+
+def test_a_dmarc_reject_is_spam_and_refused_before_the_bad_header_destiny():
+    why = "DMARC policy of bank.example is reject"
+    dmarc = Finding("dmarc", "ok", policy_reject=why)
+    bad = Finding("headers", "ok", bad_headers=("From: no address",))
+    v = verdict(clamav(), spamd(1.0), dmarc, bad, dmarc_reject=True, destiny={"bad_header": "REJECT"})
+    assert v.categories == (Category.SPAM, Category.BAD_HEADER, Category.CLEAN)
+    assert (v.action, v.reply, v.reason) == ("reject", Reply("550", "5.7.1", f"Rejected: {why}"), why)
+    off = verdict(clamav(), spamd(1.0), dmarc, bad, destiny={"bad_header": "REJECT"})
+    assert (off.categories, off.action) == ((Category.BAD_HEADER, Category.CLEAN), "reject")
+    assert off.reply == Reply("554", "5.6.0", "Rejected: bad header section: From: no address")
+
+
+def test_a_dmarc_reject_alone_is_refused_whatever_the_spam_destiny():
+    dmarc = Finding("dmarc", "ok", policy_reject="DMARC policy of bank.example is reject")
+    v = verdict(spamd(1.0), dmarc, dmarc_reject=True, destiny={"spam": "DISCARD"})
+    assert (v.category, v.action, str(v.reply)) == (
+        Category.SPAM,
+        "reject",
+        "550 5.7.1 Rejected: DMARC policy of bank.example is reject",
+    )
 
 
 def test_spamd_skipped_after_a_virus_is_not_a_scanner_failure():
@@ -599,7 +639,7 @@ def test_a_hostile_virus_name_is_sanitised_in_every_header():
 
 
 def test_a_hostile_hostname_is_sanitised_in_x_virus_scanned():
-    v = decide({"clamav": clamav()}, Policy(), sender="", hostname="mx\r\nX-Evil: 1%")
+    v = outcome({"clamav": clamav()}, Policy(), hostname="mx\r\nX-Evil: 1%")
     assert v.headers == (("X-Virus-Scanned", "milterd at mx??X-Evil: 1?"),)
 
 
@@ -649,7 +689,7 @@ def test_is_own_header(name, own):
 def test_a_deliberately_uninspected_message_is_unchecked_but_never_tempfailed():
     """A size limit will not go away on retry: the UNCHECKED destiny decides, not scanner_failure."""
     findings = {"clamav": Finding("clamav", "unchecked", critical=True, detail="larger than max_size")}
-    verdict = decide(findings, Policy(scanner_failure="tempfail"), sender="a@b", hostname="mx")
+    verdict = outcome(findings, Policy(scanner_failure="tempfail"), hostname="mx")
     assert verdict.category is Category.UNCHECKED
     assert verdict.action == "accept"
     assert "larger than max_size" in dict(verdict.headers)["X-Amavis-Alert"]
