@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from milterd.config import load_config
-from milterd.engine import Engine
+from milterd.engine import build_engine
 from milterd.message import Envelope, Message, Spool
 from tests.conftest import write_config
 from tests.fake_dccifd import start_fake_dccifd
@@ -27,7 +27,7 @@ def test_the_message_costs_the_slowest_check_not_the_sum(clamd, spamd, pyzord, t
         + f'[razor]\nenabled = true\ncommand = "{slow_razor}"\ntimeout = 3\n'
         + f'[dcc]\nenabled = true\nsocket = "{dccifd.socket_path}"\ntimeout = 0.6\n'
     )
-    engine = Engine(load_config(config))
+    engine = build_engine(load_config(config))
     spool = Spool()
     spool.write(
         b"From: a@remote.test\r\nTo: u@example.com\r\nSubject: lunch\r\nDate: Wed, 25 Nov 2026 10:00:00 +0000\r\n"
@@ -36,11 +36,12 @@ def test_the_message_costs_the_slowest_check_not_the_sum(clamd, spamd, pyzord, t
     message = Message(Envelope(mail_from="a@remote.test", rcpts=("u@example.com",), client_ip="192.0.2.7"), spool)
     try:
         start = time.monotonic()
-        findings, verdict = engine.evaluate(message)
+        disposition = engine.evaluate(message)
         total = time.monotonic() - start
     finally:
         engine.close()
         dccifd.stop()
+    findings, verdict = disposition.findings, disposition.outcome.verdict
     statuses = {name: f.status for name, f in findings.items()}
     assert statuses["clamav"] == statuses["spamd"] == statuses["pyzor"] == statuses["razor"] == "ok"
     assert statuses["dcc"] == "timeout"

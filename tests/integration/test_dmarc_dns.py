@@ -64,7 +64,7 @@ def dmarc(pipeline, author: str, signer: str | None = None, sender: str = "", cl
         data = dkimkeys.sign(data, dkimkeys.rsa(), signer, "rsa")
     findings = pipeline.run(message(data, mail_from=sender, client_ip=client_ip, helo=f"mx.{OTHER}"))
     assert findings["dmarc"].status == "ok", findings["dmarc"].detail
-    return findings["dmarc"].dmarc
+    return findings["dmarc"].data
 
 
 def test_aligned_dkim_passes(pipeline):

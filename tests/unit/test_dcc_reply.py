@@ -90,7 +90,8 @@ def test_built_when_enabled_with_the_scores_tables_thresholds():
 
     config = load_config(None)
     assert not any(isinstance(c, DccCheck) for c in build_checks(config))
-    config = dataclasses.replace(config, dcc=DccSettings(enabled=True, socket="/run/dccifd", timeout=2.0))
+    dcc = DccSettings(enabled=True, socket="/run/dccifd", timeout=2.0)
+    config = dataclasses.replace(config, checks={**config.checks, "dcc": dcc})
     (check,) = [c for c in build_checks(config) if isinstance(c, DccCheck)]
     assert (check.socket_path, check.timeout, check.scoring) == ("/run/dccifd", 2.0, SCORING)
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import dkim
 import pytest
 
-from milterd import actions
 from milterd.config import load_config
-from milterd.dkimsign import Signer, SigningSettings, generate_key, load_key, zone_lines
+from milterd.dkimsign import Signer, SigningSettings, build_signer, generate_key, load_key, zone_lines
+from milterd.edits import edited, header_edits, on_top
 from milterd.message import Envelope, header_section, split_header_section
-from milterd.policy import Category, Verdict
+from milterd.policy import Category
 from milterd.tomlschema import ConfigError
 
 pytestmark = pytest.mark.unit
@@ -64,7 +64,7 @@ def message(sender="Alice <alice@example.com>", extra=b"", body=b"Hello.\r\n") -
 
 def signed(data: bytes, signatures) -> bytes:
     headers, body = split_header_section(data)
-    return header_section(actions.edited(headers, actions.on_top(signatures))) + b"\r\n" + body
+    return header_section(edited(headers, on_top(signatures))) + b"\r\n" + body
 
 
 def verify_all(data: bytes, keys) -> list[bool]:
@@ -129,15 +129,21 @@ def config_with_key(tmp_path: Path, key: Path, extra: str = "") -> Path:
     return path
 
 
+def built_signer(path: Path) -> Signer | None:
+    """What build_engine does with [signing]: the keys are read (ConfigError for a bad one)."""
+    config = load_config(path)
+    return build_signer(config.signing, config.path)
+
+
 def test_a_world_readable_key_is_a_config_error_naming_the_file_and_key(tmp_path, keys):
     key = tmp_path / "k.key"
     key.write_bytes(keys["paths"][("example.com", "rsa")].read_bytes())
     key.chmod(0o644)
     path = config_with_key(tmp_path, key)
     with pytest.raises(ConfigError, match=rf"{path}: signing.key\[0\].key: {key} is readable by everyone"):
-        load_config(path)
+        built_signer(path)
     key.chmod(0o640)  # the group may read it (e.g. a milterd group)
-    assert load_config(path).signer.keys[0].algorithm == b"rsa-sha256"
+    assert built_signer(path).keys[0].algorithm == b"rsa-sha256"
 
 
 @pytest.mark.parametrize(
@@ -153,37 +159,45 @@ def test_an_unreadable_or_invalid_key_is_a_config_error(tmp_path, content, probl
     if content is not None:
         key.write_bytes(content)
         key.chmod(0o600)
+    path = config_with_key(tmp_path, key)
+    load_config(path)  # the keys are read when the engine is built, not when the config is loaded
     with pytest.raises(ConfigError, match=rf"signing.key\[0\].key: .*{problem}"):
-        load_config(config_with_key(tmp_path, key))
+        built_signer(path)
 
 
 def test_a_relative_key_path_is_relative_to_the_config_file_and_check_config_reads_it(tmp_path, keys):
     (tmp_path / "k.key").write_bytes(keys["paths"][("example.com", "ed")].read_bytes())
     (tmp_path / "k.key").chmod(0o600)
     path = config_with_key(tmp_path, Path("k.key"))
-    assert load_config(path).signer.keys[0].algorithm == b"ed25519-sha256"
+    assert built_signer(path).keys[0].algorithm == b"ed25519-sha256"
     (tmp_path / "k.key").chmod(0o604)
     result = subprocess.run([MILTERD, "check-config", "--config", str(path)], capture_output=True, text=True)
     assert result.returncode == 2 and "signing.key[0].key" in result.stderr
 
 
 @pytest.mark.parametrize(
-    "extra, problem",
+    "extra, problem, loads",
     [
-        ('mynetworks = ["10.0.0.0/33"]', r"signing.mynetworks\[0\]: '10.0.0.0/33' is not a network"),
-        ('headers = ["Subject"]', "signing.headers must include From"),
-        ('headers = ["From", "Received"]', "signing.headers: received must not be signed"),
-        ('canonicalization = "loose"', "signing.canonicalization must be one of"),
-        ("key = 1", "signing.key must be an array of tables"),
-        ('key = [{domain = "-x", selector = "s", key = "k"}]', r"signing.key\[0\].domain: '-x' is not a domain"),
+        ('mynetworks = ["10.0.0.0/33"]', r"signing.mynetworks\[0\]: '10.0.0.0/33' is not a network", False),
+        ('headers = ["Subject"]', "signing.headers must include From", False),
+        # dkimpy's list of fields that must not be signed is read when the signer is built
+        ('headers = ["From", "Received"]', "signing.headers: received must not be signed", True),
+        ('canonicalization = "loose"', "signing.canonicalization must be one of", False),
+        ("key = 1", "signing.key must be an array of tables", False),
+        ('key = [{domain = "-x", selector = "s", key = "k"}]', r"signing.key\[0\].domain: '-x' is not a domain", False),
     ],
 )
-def test_signing_settings_are_checked_even_when_signing_is_off(tmp_path, extra, problem):
+def test_signing_settings_are_checked_even_when_signing_is_off(tmp_path, extra, problem, loads):
     (tmp_path / "rules").mkdir()
     path = tmp_path / "milterd.toml"
     path.write_text(f"[signing]\n{extra}\n")
-    with pytest.raises(ConfigError, match=rf"{path}: {problem}"):
+    if loads:
         load_config(path)
+        with pytest.raises(ConfigError, match=rf"{path}: {problem}"):
+            built_signer(path)
+    else:
+        with pytest.raises(ConfigError, match=rf"{path}: {problem}"):
+            load_config(path)
 
 
 def test_a_key_table_needs_domain_selector_and_key_and_enabled_needs_a_key(tmp_path):
@@ -196,7 +210,7 @@ def test_a_key_table_needs_domain_selector_and_key_and_enabled_needs_a_key(tmp_p
     with pytest.raises(ConfigError, match="no \\[\\[signing.key\\]\\]"):
         load_config(path)
     path.write_text("[signing]\n")
-    assert load_config(path).signer is None and load_config(path).signing.enabled is False
+    assert built_signer(path) is None and load_config(path).signing.enabled is False
 
 
 # --------------------------------------------------------------------------- which mail, which key
@@ -247,7 +261,7 @@ def test_an_rsa_and_an_ed25519_key_give_two_signatures_that_both_verify(keys):
     data = message()
     signatures = s.sign(data)
     assert [v.split("a=")[1].split(";")[0] for _, v in signatures] == ["rsa-sha256", "ed25519-sha256"]
-    assert all("\n" not in v and "\r" not in v for _, v in signatures)  # unfolded: actions.fold folds them
+    assert all("\n" not in v and "\r" not in v for _, v in signatures)  # unfolded: edits.fold folds them
     assert verify_all(signed(data, signatures), keys) == [True, True]
 
 
@@ -273,10 +287,6 @@ def test_larger_than_max_size_is_not_signed(keys):
 # --------------------------------------------------------------------------- the header section as it leaves
 
 
-def verdict(headers=(), tag="", categories=(Category.CLEAN,)) -> Verdict:
-    return Verdict(categories[0], categories, "accept", headers=headers, subject_tag=tag)
-
-
 INCOMING = [
     ("Received", "from client\n\tby mx"),
     ("X-Spam-Flag", "YES"),
@@ -288,17 +298,14 @@ INCOMING = [
 ]
 
 
-def final(headers, v, forged=()):
-    return actions.edited(headers, actions.header_edits(v, [n for n, _ in headers], _subject(headers), forged))
-
-
-def _subject(headers):
-    return next((value for name, value in headers if name.lower() == "subject"), None)
+def final(headers, added=(), tag="", authserv_id="other.example"):
+    """The header section after header_edits; Authentication-Results of `authserv_id` are forged."""
+    return edited(headers, header_edits(headers, added, tag, authserv_id))
 
 
 def test_final_headers_drop_forged_ones_insert_ours_on_top_in_order_and_tag_the_subject():
     ours = (("Authentication-Results", "mx.example.com; dkim=none"), ("X-Virus-Scanned", "milterd at mx"))
-    assert final(INCOMING, verdict(ours, "***SPAM*** "), forged=[1]) == [
+    assert final(INCOMING, ours, "***SPAM*** ", authserv_id="mx.example.com") == [
         ("Authentication-Results", "mx.example.com; dkim=none"),
         ("X-Virus-Scanned", "milterd at mx"),
         ("Received", "from client\n\tby mx"),
@@ -310,20 +317,20 @@ def test_final_headers_drop_forged_ones_insert_ours_on_top_in_order_and_tag_the_
 
 def test_final_headers_add_a_subject_when_there_is_none_and_do_not_tag_twice():
     no_subject = [h for h in INCOMING if h[0] != "Subject"]
-    assert final(no_subject, verdict(tag="***UNCHECKED*** "))[-1] == ("Subject", "***UNCHECKED***")
+    assert final(no_subject, tag="***UNCHECKED*** ")[-1] == ("Subject", "***UNCHECKED***")
     tagged = [("Subject", "***SPAM*** report") if n == "Subject" else (n, v) for n, v in INCOMING]
-    assert ("Subject", "***SPAM*** report") in final(tagged, verdict(tag="***SPAM*** "))
+    assert ("Subject", "***SPAM*** report") in final(tagged, tag="***SPAM*** ")
 
 
 def test_final_headers_fold_long_values_as_the_milter_sends_them():
     status = ("X-Spam-Status", "No, score=0.1 tagged_above=-999 required=4 tests=[" + "A=0.1, " * 20 + "B=0]")
-    top = final([("From", "a@example.com")], verdict((status,)))[0]
+    top = final([("From", "a@example.com")], (status,))[0]
     assert top[0] == "X-Spam-Status" and "\n\t" in top[1] and top[1].replace("\n\t", " ") == status[1]
 
 
 def test_final_headers_keep_a_non_utf8_subject_untagged_rather_than_lose_the_edit():
     raw = "caf\udce9"  # a raw latin-1 byte, as the milter decodes it (surrogateescape)
-    assert ("Subject", raw) in final([("Subject", raw)], verdict(tag="***SPAM*** "))
+    assert ("Subject", raw) in final([("Subject", raw)], tag="***SPAM*** ")
 
 
 def test_a_signature_over_the_final_headers_verifies_after_the_edits_are_made(keys):
@@ -331,10 +338,10 @@ def test_a_signature_over_the_final_headers_verifies_after_the_edits_are_made(ke
     data = message(extra=b"X-Spam-Flag: YES\r\n", body=b"Hello.\r\n\r\n\r\n")
     headers, body = split_header_section(data)
     ours = (("X-Spam-Flag", "NO"), ("X-Spam-Status", "No, score=0 tagged_above=-999 " + "x " * 60))
-    edits = actions.header_edits(verdict(ours, "***UNCHECKED*** "), [n for n, _ in headers], "report")
-    outgoing = header_section(actions.edited(headers, edits)) + b"\r\n" + body
+    edits = header_edits(headers, ours, "***UNCHECKED*** ", "mx.example.com")
+    outgoing = header_section(edited(headers, edits)) + b"\r\n" + body
     signatures = signer(keys, ("example.com", "rsa"), ("example.com", "ed")).sign(outgoing)
-    delivered_headers = actions.edited(headers, edits + actions.on_top(signatures))
+    delivered_headers = edited(headers, edits + on_top(signatures))
     assert [n for n, _ in delivered_headers[:2]] == ["DKIM-Signature", "DKIM-Signature"]
     assert any("\n\t" in v for _, v in delivered_headers[:2])  # folded as other long headers
     delivered = header_section(delivered_headers) + b"\r\n" + body
@@ -354,4 +361,4 @@ def test_split_header_section_reads_back_what_the_milter_spooled():
 
 def test_the_example_config_shows_the_signing_defaults():
     shipped = load_config(Path(__file__).resolve().parents[2] / "systemd" / "milterd.toml")
-    assert shipped.signing == SigningSettings() and shipped.signer is None
+    assert shipped.signing == SigningSettings() and build_signer(shipped.signing, shipped.path) is None

@@ -11,10 +11,12 @@ from types import SimpleNamespace
 import pytest
 
 from milterd.checks import Check, build_checks
+from milterd.checks.dkim import UNSIGNED, DkimResult
 from milterd.checks.dmarc import DmarcCheck, DmarcSettings, FromError, Record, RecordError, from_domain, parse_record
+from milterd.checks.spf import SpfResult
 from milterd.config import load_config
 from milterd.dns import DnsError
-from milterd.findings import DkimResult, Finding, SpfResult
+from milterd.findings import Finding
 from milterd.message import Envelope, Message, Spool
 from milterd.pipeline import Pipeline
 
@@ -45,11 +47,14 @@ def message(headers: str, **envelope) -> Message:
 
 
 def dkim(*signatures: tuple[str, str]) -> Finding:
-    return Finding("dkim", "ok", dkim=tuple(DkimResult(result, domain, "sel") for result, domain in signatures))
+    """A DKIM finding as DkimCheck makes it: the results as `data`, and as `authentication` (dkim=none unsigned)."""
+    results = tuple(DkimResult(result, domain, "sel") for result, domain in signatures)
+    return Finding("dkim", "ok", authentication=results or (UNSIGNED,), data=results)
 
 
 def spf(result: str, domain: str, identity: str = "mailfrom") -> Finding:
-    return Finding("spf", "ok", spf=SpfResult(result, identity, domain))
+    spf_result = SpfResult(result, identity, domain)
+    return Finding("spf", "ok", authentication=(spf_result,), data=spf_result)
 
 
 def evaluate(records: dict[str, list[str]], sender: str, dkim_finding=None, spf_finding=None, failing=(), **envelope):
@@ -350,7 +355,7 @@ def test_the_pipeline_gives_each_message_its_own_dkim_and_spf_findings():
 
     def scan(sender: str) -> None:
         findings = pipeline.run(message(f"From: {sender}\n"))
-        got[sender] = findings["dmarc"].dmarc.result + " " + findings["dmarc"].dmarc.detail
+        got[sender] = findings["dmarc"].data.result + " " + findings["dmarc"].data.detail
 
     threads = [threading.Thread(target=scan, args=(s,)) for s in ("a@example.com", "b@example.org")]
     for t in threads:
