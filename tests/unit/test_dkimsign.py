@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import stat
@@ -362,3 +363,29 @@ def test_split_header_section_reads_back_what_the_milter_spooled():
 def test_the_example_config_shows_the_signing_defaults():
     shipped = load_config(Path(__file__).resolve().parents[2] / "systemd" / "milterd.toml")
     assert shipped.signing == SigningSettings() and build_signer(shipped.signing, shipped.path) is None
+
+
+def test_scan_json_shows_the_signatures_originating_mail_would_get_and_they_verify(tmp_path, keys):
+    """scan carries out the same Disposition as the milter: the signatures are over the message as
+    it would leave, our header edits made."""
+    key = tmp_path / "k.key"
+    key.write_bytes(keys["paths"][("example.com", "rsa")].read_bytes())
+    key.chmod(0o600)
+    path = config_with_key(tmp_path, key)
+    off = "".join(f"[{name}]\nenabled = false\n" for name in ("clamav", "spamd", "dkim", "spf", "dmarc"))
+    path.write_text(path.read_text() + off)
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(b"From: a@example.com\r\nTo: b@remote.test\r\nSubject: hi\r\n\r\nbody\r\n")
+    milterd = Path(sys.executable).parent / "milterd"
+    args = [str(milterd), "scan", "--json", "--config", str(path), "--client-ip", "127.0.0.1", str(eml)]
+    out = subprocess.run(args, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    record = json.loads(out.stdout)
+    ((name, value),) = record["signatures"]
+    assert name == "DKIM-Signature" and "d=example.com" in value and "s=s" in value
+    incoming = [("From", "a@example.com"), ("To", "b@remote.test"), ("Subject", "hi")]
+    delivered = header_section([(name, value), *map(tuple, record["headers"]), *incoming]) + b"\r\nbody\r\n"
+    key_record = keys["records"][b"rsa._domainkey.example.com."]  # the key, published under selector s
+    assert dkim.verify(
+        delivered, dnsfunc=lambda name, timeout=5: key_record if name == b"s._domainkey.example.com." else b""
+    )
