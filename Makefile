@@ -7,7 +7,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEB_PACKAGES := gcc python3-dev python3-venv libmilter-dev postfix clamav-daemon clamav-testfiles spamassassin spamd spamc \
                 razor pyzor python3-gdbm miltertest iproute2 libarchive13 libmagic1
 # `make bench` also compares with amavisd-new and sends CPython's email test messages.
-BENCH_PACKAGES := amavisd-new libpython3.11-testsuite
+BENCH_PACKAGES := amavisd-new libpython3.11-testsuite unbound
 
 # Install the missing ones of $(1). A policy-rc.d that refuses, for the time of the install, keeps the
 # packages' init scripts from starting system-wide daemons (amavis on :10024) on machines without systemd.
