@@ -1,4 +1,4 @@
-"""Session fixtures: real clamd, spamd, milterd and Postfix on loopback, started once per run.
+"""Session fixtures: real clamd, spamd, pyzord, MariaDB, milterd and Postfix on loopback, started once per run.
 
 Every daemon runs in a private directory on free ports and is stopped by PID at the end.
 """
@@ -20,6 +20,7 @@ from tests.dnsserver import start_dns
 
 ROOT = Path(__file__).resolve().parent.parent
 MILTERD = str(Path(sys.executable).parent / "milterd")
+SQL_DIR = ROOT / "tests" / "sql"
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
 
@@ -148,3 +149,23 @@ def pyzord(daemon_dir):
     server = daemons.start_pyzord(daemon_dir / "pyzord")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def mariadb(daemon_dir):
+    """A private MariaDB (own datadir, unix socket, 127.0.0.1:free port) with the seed schema:
+    tests/sql/mail.sql (database `mail`, account mail_admin, SELECT only) and tests/sql/amavis.sql
+    (amavis' lookup tables in database `amavis`, empty).
+
+    `mariadb.dsn` is mail_admin's SQLAlchemy URL for `mail`; `mariadb.url("amavis")` for `amavis`;
+    `mariadb.execute(sql, params)` / `mariadb.query(...)` run as root (PyMySQL %s placeholders,
+    autocommit), so tests insert their own rows. A test may `stop()` it and must `start()` it
+    again (same port and data) before it ends.
+    """
+    server = daemons.start_mariadb(daemon_dir / "mariadb")
+    try:
+        for name in ("mail.sql", "amavis.sql"):
+            server.load_sql(SQL_DIR / name)
+        yield server
+    finally:
+        server.stop()

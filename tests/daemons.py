@@ -1,10 +1,11 @@
-"""Start real clamd, spamd, pyzord and Postfix instances privately on loopback.
+"""Start real clamd, spamd, pyzord, MariaDB and Postfix instances privately on loopback.
 
 Used by the integration and end-to-end tests, the ``make run`` dev script and the
 benchmark, so that every one of them talks to the same real daemons the production
 milter talks to, without touching the system's own configuration or instances.
 
-Stdlib only. Linux only (uses prctl via ctypes). Meant to run as root (Postfix needs it).
+Stdlib only (MariaDB's execute/query import PyMySQL when called). Linux only (uses prctl via
+ctypes). Meant to run as root (Postfix needs it).
 
 Why a reaper wrapper: every daemon is started under a tiny Python process (this file
 run as ``python -I daemons.py --reap ...``, see _reaper_main) that is a child subreaper
@@ -26,6 +27,7 @@ import grp
 import hashlib
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -52,6 +54,8 @@ __all__ = [
     "start_spamd",
     "Pyzord",
     "start_pyzord",
+    "MariaDB",
+    "start_mariadb",
     "Postfix",
     "start_postfix",
     "stop_all",
@@ -687,6 +691,221 @@ def start_pyzord(workdir: Path, timeout: float = 30) -> Pyzord:
     return d
 
 
+# --------------------------------------------------------------------------- MariaDB
+
+MARIADBD = "/usr/sbin/mariadbd"
+MARIADB_INSTALL_DB = "/usr/bin/mariadb-install-db"
+MARIADB_CLIENT = "/usr/bin/mariadb"
+# The seed's (tests/sql/mail.sql) read-only account, as in the Postfix+MySQL tutorials.
+MAIL_ADMIN = ("mail_admin", "mail_admin_password")
+_SUN_PATH_MAX = 107  # sockaddr_un.sun_path minus the NUL
+
+# Server options for mariadb-install-db (which passes them on to its `mariadbd --bootstrap`)
+# and for every start: small and fast; durability does not matter for a test instance, a
+# clean SIGTERM shutdown still writes everything.
+_MARIADB_TUNING = (
+    "--skip-name-resolve",  # client host = its IP, so 'mail_admin'@'127.0.0.1' is the TCP account
+    "--innodb-buffer-pool-size=32M",
+    "--innodb-log-file-size=8M",
+    "--innodb-temp-data-file-path=ibtmp1:1M:autoextend",
+    "--innodb-use-native-aio=0",  # io_setup() may be refused in containers
+    "--innodb-flush-log-at-trx-commit=2",
+    "--innodb-doublewrite=0",
+    "--skip-log-bin",
+    "--performance-schema=OFF",
+    "--character-set-server=utf8mb4",
+    "--collation-server=utf8mb4_general_ci",
+)
+
+
+def _mysql_greeting(path: Path) -> bool:
+    """True once the server's handshake (protocol 10) arrives on its unix socket.
+
+    mariadbd creates its sockets only when it is ready for connections; reading the greeting
+    proves it accepts, without logging in (stdlib only)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        s.connect(str(path))
+        head = s.recv(5)
+    return len(head) == 5 and head[4] == 10
+
+
+@dataclass(eq=False)
+class MariaDB(_Managed):
+    """A private mariadbd on 127.0.0.1:port and a unix socket, with its own datadir.
+
+    ``stop()`` and ``start()`` stop and restart the same instance (port, datadir, data), so a
+    test can take the database away and bring it back. Root exists only as root@localhost
+    (the unix socket) with ``root_password``; ``root_cnf`` is a client option file for it:
+    ``mariadb --defaults-file=ROOT_CNF``. Not frozen: pid and proc change on start().
+    """
+
+    port: int
+    socket_path: Path
+    datadir: Path
+    root_password: str = field(repr=False)
+    root_cnf: Path
+    pid: int
+    log: Path
+    argv: list[str] = field(repr=False)
+    workdir: Path = field(repr=False)
+    proc: subprocess.Popen = field(repr=False, compare=False)
+    out: Path = field(repr=False)
+    host: str = "127.0.0.1"
+
+    @property
+    def socket(self) -> str:
+        return str(self.socket_path)
+
+    def url(self, database: str = "mail", user: str = MAIL_ADMIN[0], password: str = MAIL_ADMIN[1]) -> str:
+        """An SQLAlchemy URL over TCP: mysql+pymysql://USER:PASSWORD@127.0.0.1:PORT/DATABASE."""
+        from urllib.parse import quote
+
+        return f"mysql+pymysql://{quote(user, safe='')}:{quote(password, safe='')}@{self.host}:{self.port}/{database}"
+
+    @property
+    def dsn(self) -> str:
+        """The seed's read-only account on the `mail` database (see tests/sql/mail.sql)."""
+        return self.url()
+
+    def start(self, timeout: float = 60) -> None:
+        """(Re)start on the same port and datadir; returns once it accepts connections."""
+        if self.proc is not None and self.running:
+            raise RuntimeError(f"mariadbd (pid {self.pid}) is already running")
+        self.socket_path.unlink(missing_ok=True)  # stale after a SIGKILL
+        proc, pid, out = _spawn(self.argv, self.workdir, "mariadbd")
+        self.proc, self.pid, self.out = proc, pid, out
+        self._register()
+        try:
+            _wait(
+                lambda: _mysql_greeting(self.socket_path) and _listening(self.port, pid),
+                f"mariadbd on {self.socket_path} and 127.0.0.1:{self.port}",
+                timeout,
+                proc,
+                [self.log, out],
+            )
+        except BaseException:
+            self.stop()
+            raise
+
+    def connect(self, database: str | None = None, **kwargs):
+        """A PyMySQL connection as root over the unix socket, autocommit on."""
+        import pymysql
+
+        return pymysql.connect(
+            unix_socket=self.socket,
+            user="root",
+            password=self.root_password,
+            database=database,
+            autocommit=True,
+            connect_timeout=5,
+            charset="utf8mb4",
+            **kwargs,
+        )
+
+    def execute(self, sql: str, params: Sequence | dict = (), database: str | None = None) -> int:
+        """Run one statement as root (PyMySQL %s placeholders); returns the affected row count."""
+        with self.connect(database) as conn, conn.cursor() as cur:
+            return cur.execute(sql, params or None)
+
+    def query(self, sql: str, params: Sequence | dict = (), database: str | None = None) -> list[tuple]:
+        """Run one statement as root and return all rows as tuples."""
+        with self.connect(database) as conn, conn.cursor() as cur:
+            cur.execute(sql, params or None)
+            return list(cur.fetchall())
+
+    def load_sql(self, path: Path | str) -> None:
+        """Feed an SQL script to the `mariadb` client as root, as an admin would (`mariadb < file`)."""
+        self.client(stdin=Path(path).read_bytes())
+
+    def client(self, *args: str, stdin: bytes | None = None) -> str:
+        """Run the `mariadb` command-line client as root with args; returns its stdout."""
+        argv = [MARIADB_CLIENT, f"--defaults-file={self.root_cnf}", "--batch", *args]
+        r = subprocess.run(argv, input=stdin, capture_output=True, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.decode(errors='replace')}")
+        return r.stdout.decode()
+
+
+def start_mariadb(workdir: Path, timeout: float = 60) -> MariaDB:
+    """Initialise a datadir in workdir and start mariadbd on 127.0.0.1:<free port>.
+
+    ``mariadb-install-db --no-defaults`` (no system my.cnf, no test db) creates the system
+    tables (~1 s); mariadbd then runs with ``--no-defaults`` and everything on the command
+    line: its own datadir, socket, pid file, tmpdir and error log below workdir,
+    ``--bind-address=127.0.0.1``. As root it runs with ``--user=root`` (mariadbd refuses root
+    otherwise), so nothing needs chown'ing. Root's accounts other than root@localhost are
+    dropped and root@localhost gets a random password. No databases besides the system ones:
+    load them with ``load_sql``.
+    """
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    datadir, tmpdir = workdir / "data", workdir / "tmp"
+    if datadir.exists():
+        raise RuntimeError(f"{datadir} exists; start_mariadb wants a fresh directory (restart with .start())")
+    tmpdir.mkdir()
+    sock = workdir / "mariadbd.sock"
+    if len(str(sock)) > _SUN_PATH_MAX:  # deep --basetemp: a short private directory instead
+        import tempfile
+
+        sock = Path(tempfile.mkdtemp(prefix="mariadb-")) / "mariadbd.sock"
+    log = workdir / "mariadbd.err"
+    user = ["--user=root"] if os.geteuid() == 0 else []
+    common = [f"--datadir={datadir}", f"--tmpdir={tmpdir}", *user, *_MARIADB_TUNING]
+    install = [MARIADB_INSTALL_DB, "--no-defaults", *common]
+    install += ["--auth-root-authentication-method=normal", "--skip-test-db"]
+    r = subprocess.run(install, stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
+    if r.returncode != 0:
+        out = (r.stdout + r.stderr).decode(errors="replace")
+        raise RuntimeError(f"{' '.join(install)} failed ({r.returncode}):\n{out}")
+    port = free_port()
+    argv = [
+        MARIADBD,
+        "--no-defaults",
+        *common,
+        f"--socket={sock}",
+        f"--port={port}",
+        "--bind-address=127.0.0.1",
+        "--skip-networking=0",
+        f"--pid-file={workdir / 'mariadbd.pid'}",
+        f"--log-error={log}",
+    ]
+    password = secrets.token_hex(16)
+    root_cnf = workdir / "root.cnf"
+    d = MariaDB(
+        port=port,
+        socket_path=sock,
+        datadir=datadir,
+        root_password=password,
+        root_cnf=root_cnf,
+        pid=0,
+        log=log,
+        argv=argv,
+        workdir=workdir,
+        proc=None,  # type: ignore[arg-type]  # set by start()
+        out=workdir / "mariadbd.out",
+    )
+    _write_root_cnf(root_cnf, sock, None)
+    d.start(timeout)
+    try:
+        # install-db's "normal" root: passwordless root@localhost, @127.0.0.1, @::1 and @<hostname>.
+        sql = "SELECT Host FROM mysql.user WHERE User='root' AND Host<>'localhost'"
+        hosts = d.client("--skip-column-names", "-e", sql).split()
+        drops = "".join(f"DROP USER 'root'@'{h}';" for h in hosts)
+        d.client("-e", f"{drops}ALTER USER 'root'@'localhost' IDENTIFIED BY '{password}';")
+        _write_root_cnf(root_cnf, sock, password)
+    except BaseException:
+        d.stop()
+        raise
+    return d
+
+
+def _write_root_cnf(path: Path, sock: Path, password: str | None) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"[client]\nuser=root\nsocket={sock}\n" + (f"password={password}\n" if password else ""))
+
+
 # --------------------------------------------------------------------------- Postfix
 
 VIRTUAL_DOMAINS = ("milterd.test", "example.com", "example.org", "remote.test")
@@ -896,6 +1115,10 @@ def start_postfix(
         "milter_connect_timeout": "10s",
         "milter_command_timeout": "30s",
         "milter_content_timeout": "300s",
+        # XCLIENT lets a test on 127.0.0.1 claim to be a remote MTA in TEST-NET-1 (Postfix and milterd
+        # then see that client, not an originating one); that network may relay as loopback may.
+        "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
+        "mynetworks": "127.0.0.0/8 192.0.2.0/24",
     }
     lines = []
     for name, port in ports.items():
