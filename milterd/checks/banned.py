@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from ..findings import Finding
 from ..message import Message
 from ..sanitize import printable
-from ..tomlschema import POSITIVE, ConfigError
+from ..tomlschema import POSITIVE, ConfigError, read_toml
 from . import Check, register
 
 if TYPE_CHECKING:
@@ -81,15 +81,30 @@ class BannedRule:
 DECEPTIVE_NAMES = BannedRule("deceptive-name", ban=True, deceptive_name=True)
 
 
+BUILTIN = Path(__file__).resolve().parent.parent / "defaults" / "banned.toml"
+
+
 def parse_rules(data: dict, path: Path) -> tuple[BannedRule, ...]:
-    """`[[rule]]` tables of rules/banned.toml, in order; every key and value checked."""
-    unknown = sorted(set(data) - {"rule"})
+    """`[[rule]]` tables of a banned.toml, in order; every key and value checked."""
+    unknown = sorted(set(data) - {"rule", "builtin"})
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]} (rules are [[rule]] tables)")
     tables = data.get("rule", [])
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise ConfigError(f"{path}: rule must be an array of tables ([[rule]])")
     return tuple(_parse_rule(table, f"{path}: rule {n}") for n, table in enumerate(tables, 1))
+
+
+def load_rules(path: Path | None) -> tuple[BannedRule, ...]:
+    """The operator's rules (`path`, when it exists) before the built-in list, unless it says `builtin = false`."""
+    builtin = parse_rules(read_toml(BUILTIN), BUILTIN)
+    if path is None or not path.exists():
+        return builtin
+    data = read_toml(path)
+    keep = data.get("builtin", True)
+    if not isinstance(keep, bool):
+        raise ConfigError(f"{path}: builtin must be true or false")
+    return parse_rules(data, path) + (builtin if keep else ())
 
 
 def _parse_rule(table: dict, where: str) -> BannedRule:
@@ -148,6 +163,7 @@ def _ancestor_paths(path: str) -> list[str]:
 # critical: a message we could not look inside is UNCHECKED, never CLEAN
 @register(
     name="banned",
+    bypass="bypass_banned_checks",
     settings=BannedSettings,
     order=30,
     critical=True,

@@ -1,4 +1,4 @@
-"""Banned-file rules: the shipped (Debian amavis) list, first match wins over a part and its ancestors."""
+"""Banned-file rules: the built-in (Debian amavis) list, first match wins over a part and its ancestors."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from milterd.checks.banned import DECEPTIVE_NAMES, banned_parts, parse_rules
+from milterd.checks.banned import DECEPTIVE_NAMES, banned_parts, load_rules, parse_rules
 from milterd.mime import Inspection, Part
-from milterd.tomlschema import ConfigError, read_toml
+from milterd.tomlschema import ConfigError
 
-SHIPPED = Path(__file__).resolve().parents[2] / "rules" / "banned.toml"
-RULES = (DECEPTIVE_NAMES, *parse_rules(read_toml(SHIPPED), SHIPPED))
+RULES = (DECEPTIVE_NAMES, *load_rules(None))
 
 
 def part(path: str, declared: str = "application/octet-stream", real: str = "text/plain", in_archive=False) -> Part:
@@ -96,3 +95,21 @@ def test_bad_rules_are_config_errors_naming_the_rule(rule, message):
 def test_unknown_top_level_key_is_an_error():
     with pytest.raises(ConfigError, match="unknown key"):
         parse_rules({"rules": []}, Path("banned.toml"))
+
+
+def test_the_operators_rules_come_before_the_built_in_list_and_can_replace_it(tmp_path):
+    path = tmp_path / "banned.toml"
+    path.write_text('[[rule]]\nname = "inside-zip"\naction = "allow"\nreal_type = "application/zip"\n')
+    rules = load_rules(path)
+    assert rules[0].name == "inside-zip" and rules[1:] == load_rules(None)
+    inside = part("a.zip/setup.exe", in_archive=True)
+    assert banned(part("a.zip", real="application/zip"), inside, rules=rules) == {}
+    path.write_text('builtin = false\n[[rule]]\nname = "no-docs"\naction = "ban"\nname_glob = "*.doc"\n')
+    assert [r.name for r in load_rules(path)] == ["no-docs"]
+    assert banned(part("setup.exe"), rules=(DECEPTIVE_NAMES, *load_rules(path))) == {}
+
+
+def test_a_rules_directory_without_banned_toml_still_bans_what_debian_bans(tmp_path):
+    assert banned(part("setup.exe"), rules=(DECEPTIVE_NAMES, *load_rules(tmp_path / "banned.toml"))) == {
+        "setup.exe": "executable-extension"
+    }
