@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     scan.add_argument("--rcpt", action="append", help="envelope recipient, repeatable (default: To and Cc)")
     scan.add_argument("--client-ip", default="", help="SMTP client address")
     scan.add_argument("--helo", default="", help="SMTP HELO name")
+    scan.add_argument("--daemon-name", default="", help="Postfix {daemon_name}: the smtpd service (policy banks)")
+    scan.add_argument("--auth-user", default="", help="SASL login name: the client authenticated (originating)")
     scan.add_argument("--jobs", type=int, default=4, help="messages scanned at once (default 4)")
     scan.add_argument("-v", "--verbose", action="store_true", help="log one line per message to stderr")
     scan.add_argument("paths", nargs="+", type=Path, metavar="PATH")
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
 
     check = sub.add_parser("check-config", help="validate the config file and the rules")
     check.add_argument("--config", type=Path, help="config file (default /etc/milterd/milterd.toml)")
+    check.add_argument(
+        "--show", action="store_true", help="print the effective settings and where each came from (runs SQL once)"
+    )
 
     keygen = sub.add_parser(
         "dkim-keygen",
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"milterd: {e}", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "check-config":
-        return _check_config(config)
+        return _check_config(config, args.show)
     if args.command == "scan":
         return _scan(config, args)
     if args.command == "report":
@@ -79,16 +84,23 @@ def main(argv: list[str] | None = None) -> int:
     return _run(config, args)
 
 
-def _check_config(config) -> int:
+def _check_config(config, show: bool) -> int:
     """Everything a start or a reload would do short of serving: the engine built (keys read), then closed."""
     from .engine import build_engine
 
     try:
-        build_engine(config).close()
+        engine = build_engine(config)
     except ConfigError as e:
         print(f"milterd: {e}", file=sys.stderr)
         return EXIT_USAGE
-    print(f"milterd: {config.path or 'built-in defaults'}: OK")
+    try:
+        print(f"milterd: {config.path or 'built-in defaults'}: OK")
+        if show:
+            from .show import lines
+
+            print("\n".join(lines(config, engine)))
+    finally:
+        engine.close()
     return EXIT_OK
 
 
@@ -239,6 +251,8 @@ def _scan(config, args) -> int:
             rcpts=tuple(args.rcpt) if args.rcpt else rcpts,
             client_ip=args.client_ip,
             helo=args.helo,
+            auth_user=args.auth_user,
+            daemon_name=args.daemon_name,
         )
         message = Message(envelope, spool)
         try:

@@ -8,6 +8,7 @@ so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import typing
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ from .checks import registry
 from .dkimsign import SigningSettings, check_signing
 from .dns import parse_nameserver
 from .rules import Rules, load_rules
+from .sql import SqlSettings, check_sql
 from .tomlschema import POSITIVE, ConfigError, build, read_toml
 
 DEFAULT_PATH = Path("/etc/milterd/milterd.toml")
@@ -37,6 +39,9 @@ class MilterSettings:
     log_file: str = ""  # "" = stderr in the foreground, syslog (mail facility) as a daemon
     log_level: typing.Literal["debug", "info", "warning", "error"] = "info"
     pidfile: str = ""
+    # Clients whose mail is originating (as SASL-authenticated ones are): the ORIGINATING policy bank
+    # and DKIM signing. milterd cannot read Postfix's mynetworks: list the same networks here.
+    mynetworks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,9 @@ class Config:
     milter: MilterSettings = field(default_factory=MilterSettings)
     signing: SigningSettings = field(default_factory=SigningSettings)
     dns: DnsSettings = field(default_factory=DnsSettings)
+    sql: SqlSettings = field(default_factory=SqlSettings)
     checks: Mapping[str, Any] = field(default_factory=dict)  # check name -> its settings ([name])
+    given: frozenset[str] = field(default=frozenset(), compare=False)  # "section.key"s the file sets
 
     def check(self, name: str) -> Any:
         """A check's settings: its section, or its defaults when the file has none."""
@@ -71,7 +78,7 @@ class Config:
         raise AttributeError(name)
 
 
-_SECTIONS = {"milter": MilterSettings, "signing": SigningSettings, "dns": DnsSettings}
+_SECTIONS = {"milter": MilterSettings, "signing": SigningSettings, "dns": DnsSettings, "sql": SqlSettings}
 
 
 def load_config(path: Path | None = None) -> Config:
@@ -88,6 +95,8 @@ def load_config(path: Path | None = None) -> Config:
     unknown = sorted(set(data) - set(schema))
     if unknown:
         raise ConfigError(f"{path}: unknown section [{unknown[0]}]")
+    if isinstance(data.get("signing"), dict) and "mynetworks" in data["signing"]:
+        raise ConfigError(f"{path}: signing.mynetworks is now milter.mynetworks (the policy banks use it too)")
     sections = {}
     for name, cls in schema.items():
         section = data.get(name, {})
@@ -99,7 +108,13 @@ def load_config(path: Path | None = None) -> Config:
             parse_nameserver(nameserver)
         except ValueError as e:
             raise ConfigError(f"{path}: dns.nameservers: {e}") from None
+    for i, network in enumerate(sections["milter"].mynetworks):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"{path}: milter.mynetworks[{i}]: {network!r} is not a network (CIDR)") from None
     check_signing(sections["signing"], path)
+    check_sql(sections["sql"], path)
     rules_dir = path.parent / sections["milter"].rules
     if not rules_dir.is_dir():
         raise ConfigError(f"{path}: milter.rules: {rules_dir} is not a directory")
@@ -109,5 +124,7 @@ def load_config(path: Path | None = None) -> Config:
         milter=sections.pop("milter"),
         signing=sections.pop("signing"),
         dns=sections.pop("dns"),
+        sql=sections.pop("sql"),
         checks=sections,
+        given=frozenset(f"{name}.{key}" for name, table in data.items() for key in table),
     )

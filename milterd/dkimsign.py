@@ -1,7 +1,7 @@
 """DKIM signing of originating mail: the [signing] section, its keys, the Signer, and key generation.
 
 amavis' signing, with its defaults (`$enable_dkim_signing`, `dkim_key()`, `%signed_header_fields`):
-- only originating mail is signed: SASL-authenticated, or from a client in `mynetworks`; and
+- only originating mail is signed: SASL-authenticated, or from a client in `[milter] mynetworks`; and
   never mail that is VIRUS, SPAM or SPAMMY;
 - the key is chosen by the domain of the RFC5322.From address (exact match); a domain may have
   an RSA and an Ed25519 key, and the message then gets both signatures (RFC 8463);
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import email.utils
-import ipaddress
 import logging
 import os
 import re
@@ -30,7 +29,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .message import Envelope
 from .tomlschema import POSITIVE, ConfigError
 
 log = logging.getLogger("milterd")
@@ -68,10 +66,7 @@ class SigningKey:
 
 @dataclass(frozen=True)
 class SigningSettings:
-    enabled: bool = False
-    # originating clients (SASL-authenticated clients are originating wherever they are); milterd
-    # cannot read Postfix's mynetworks
-    mynetworks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    enabled: bool = False  # originating mail: SASL-authenticated, or from [milter] mynetworks
     headers: tuple[str, ...] = SIGNED_HEADERS
     oversign: tuple[str, ...] = OVERSIGNED_HEADERS
     canonicalization: Canonicalization = "relaxed/simple"
@@ -94,35 +89,21 @@ class Signer:
     def __init__(
         self,
         keys: Sequence[Key],
-        mynetworks: Iterable[str] = SigningSettings.mynetworks,
         headers: Iterable[str] = SIGNED_HEADERS,
         oversign: Iterable[str] = OVERSIGNED_HEADERS,
         canonicalization: str = "relaxed/simple",
         max_size: int = 25 * 1024 * 1024,
     ):
         self.keys = tuple(keys)
-        self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in mynetworks)
         self.headers = frozenset(h.lower().encode() for h in headers)
         self.oversign = frozenset(h.lower().encode() for h in oversign)
         header_c, _, body_c = canonicalization.partition("/")
         self.canonicalize = (header_c.encode(), body_c.encode())
         self.max_size = max_size
 
-    def originating(self, envelope: Envelope) -> bool:
-        """SASL-authenticated, or a client inside mynetworks (Postfix shows local submission as 127.0.0.1)."""
-        if envelope.auth_user:
-            return True
-        try:
-            address = ipaddress.ip_address(envelope.client_ip.removeprefix("IPv6:").split("%")[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.networks)
-
-    def wants(self, envelope: Envelope, categories: Iterable[object]) -> bool:
-        """Sign this message? Originating, and not VIRUS, SPAM or SPAMMY (amavis)."""
-        return self.originating(envelope) and not any(getattr(c, "name", c) in NOT_SIGNED for c in categories)
+    def wants(self, originating: bool, categories: Iterable[object]) -> bool:
+        """Sign this message? Originating (lookups.is_originating), and not VIRUS, SPAM or SPAMMY (amavis)."""
+        return originating and not any(getattr(c, "name", c) in NOT_SIGNED for c in categories)
 
     def sign(self, message: bytes, skip_domains: Iterable[str] = ()) -> list[tuple[str, str]]:
         """The DKIM-Signature headers (name, unfolded value) for `message` as it will be delivered.
@@ -178,11 +159,6 @@ class Signer:
 
 def check_signing(settings: SigningSettings, path: Path) -> None:
     """Check [signing]'s values without reading the keys; ConfigError names `path` and the key."""
-    for i, network in enumerate(settings.mynetworks):
-        try:
-            ipaddress.ip_network(network, strict=False)
-        except ValueError:
-            raise ConfigError(f"{path}: signing.mynetworks[{i}]: {network!r} is not a network (CIDR)") from None
     if "from" not in {h.lower() for h in settings.headers}:
         raise ConfigError(f"{path}: signing.headers must include From (RFC 6376 5.4)")
     if settings.enabled and not settings.key:
@@ -210,9 +186,7 @@ def build_signer(settings: SigningSettings, path: Path) -> Signer | None:
             raise ConfigError(f"{path}: signing.key[{i}].key: {e}") from None
     if not settings.enabled:
         return None
-    return Signer(
-        keys, settings.mynetworks, settings.headers, settings.oversign, settings.canonicalization, settings.max_size
-    )
+    return Signer(keys, settings.headers, settings.oversign, settings.canonicalization, settings.max_size)
 
 
 _SILENT = logging.Logger("dkimpy-sign")

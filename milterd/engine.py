@@ -15,11 +15,12 @@ from pathlib import Path
 
 from . import edits as header_edits
 from . import render
-from .checks import Runtime, build_checks
+from .checks import Runtime, build_checks, registry
 from .config import Config
 from .dkimsign import Signer, build_signer
 from .findings import Finding, Summary, summarize
-from .message import Message, header_section, split_header_section
+from .lookups import LookupFailed, PolicyLookups, Recipient, Transaction
+from .message import Envelope, Message, header_section, split_header_section
 from .pipeline import Pipeline
 from .policy import Category, Policy, Reply, Verdict, decide, format_score
 from .sanitize import address, printable
@@ -27,12 +28,7 @@ from .sanitize import address, printable
 log = logging.getLogger("milterd")
 
 INTERNAL_ERROR = Reply("451", "4.3.0", "Temporary local problem, try again later")
-
-
-@dataclass(frozen=True)
-class Recipient:
-    address: str
-    policy: Policy
+LOOKUP_FAILED = Reply("451", "4.3.0", "Temporary lookup failure, try again later")
 
 
 @dataclass(frozen=True)
@@ -42,6 +38,7 @@ class Outcome:
     recipients: tuple[str, ...]
     policy: Policy
     verdict: Verdict
+    originating: bool = False
     headers: tuple[tuple[str, str], ...] = ()  # added on top when the message passes (unfolded)
     subject_tag: str = ""
     signatures: tuple[tuple[str, str], ...] = ()  # DKIM-Signature headers, added on top of those
@@ -76,36 +73,40 @@ class Disposition:
 class Engine:
     """Checks, policy and signing for every message; built once per configuration, never changed."""
 
-    def __init__(self, config: Config, checks, signer: Signer | None):
+    def __init__(self, config: Config, checks, signer: Signer | None, lookups: PolicyLookups):
         self.config = config
         self.rules = config.rules
         self.hostname = config.milter.hostname
         self.pipeline = Pipeline(checks, config.milter.max_concurrent)
         self.signer = signer
+        self.lookups = lookups
+        self.bypass = {check.name: registry()[check.name].bypass for check in checks if registry()[check.name].bypass}
 
-    def recipient(self, address: str) -> Recipient:
-        return Recipient(address, self.rules.policy_for(address))
+    def recipient(self, address: str, txn: Transaction) -> Recipient:
+        """The recipient's effective policy; LookupFailed when the database cannot say (answer 4xx)."""
+        return self.lookups.recipient(address, txn)
 
     def evaluate(self, message: Message, recipients: Sequence[Recipient] | None = None) -> Disposition:
         """Run the checks once, then decide per group of recipients with equal policies.
 
         `recipients`: with the policies the milter settled at RCPT time; None looks them up for the
-        envelope's recipients (scan).
+        envelope's recipients (scan). A check every recipient bypasses is not run.
         """
         if recipients is None:
-            recipients = [self.recipient(r) for r in message.envelope.rcpts]
-        findings = self.pipeline.run(message)
-        found = summarize(findings)
-        groups = [self._outcome(message, found, policy, rcpts) for policy, rcpts in _grouped(recipients, self.rules)]
-        return Disposition(message, findings, found, tuple(groups))
+            txn = transaction(message.envelope)
+            try:
+                recipients = [self.recipient(r, txn) for r in message.envelope.rcpts]
+            except LookupFailed as e:
+                return self._tempfail(message, LOOKUP_FAILED, f"lookup failed: {e}")
+        policies = [r.policy for r in recipients] or [self.rules.policy]
+        skip = {name: "bypass" for name, flag in self.bypass.items() if all(getattr(p, flag) for p in policies)}
+        findings = self.pipeline.run(message, skip)
+        groups = [self._outcome(message, findings, group) for group in _grouped(recipients, self.rules)]
+        return Disposition(message, findings, summarize(findings), tuple(groups))
 
     def failed(self, message: Message, error: Exception) -> Disposition:
         """The Disposition of a message whose evaluation failed: 451 4.3.0, the sender retries."""
-        why = printable(f"internal error: {type(error).__name__}: {error}", 300)
-        ordered = (Category.UNCHECKED,)
-        verdict = Verdict(Category.UNCHECKED, ordered, "tempfail", INTERNAL_ERROR, reason=why)
-        outcome = Outcome(message.envelope.rcpts, self.rules.policy, verdict)
-        return Disposition(message, {}, summarize({}), (outcome,), error=why)
+        return self._tempfail(message, INTERNAL_ERROR, f"internal error: {type(error).__name__}: {error}")
 
     def after_reply(self, disposition: Disposition) -> None:
         """What follows the decided reply: the log line (later quarantine, notifications, metrics)."""
@@ -113,23 +114,34 @@ class Engine:
 
     def close(self) -> None:
         self.pipeline.shutdown()
+        self.lookups.close()
 
-    def _outcome(self, message: Message, found: Summary, policy: Policy, rcpts: tuple[str, ...]) -> Outcome:
+    def _tempfail(self, message: Message, reply: Reply, why: str) -> Disposition:
+        why = printable(why, 300)
+        verdict = Verdict(Category.UNCHECKED, (Category.UNCHECKED,), "tempfail", reply, reason=why)
+        outcome = Outcome(message.envelope.rcpts, self.rules.policy, verdict)
+        return Disposition(message, {}, summarize({}), (outcome,), error=why)
+
+    def _outcome(self, message: Message, findings: Mapping[str, Finding], group: tuple[Recipient, ...]) -> Outcome:
+        """The group's verdict over the findings its policy does not bypass, and what it does to the message."""
+        policy, originating = group[0].policy, group[0].originating
+        rcpts = tuple(r.address for r in group)
+        found = summarize({n: f for n, f in findings.items() if not getattr(policy, self.bypass.get(n, ""), False)})
         verdict = decide(found, policy)
         headers, tag = render.rendered(found, policy, verdict, self.hostname)
         if verdict.action != "accept":
-            return Outcome(rcpts, policy, verdict)
+            return Outcome(rcpts, policy, verdict, originating)
         incoming = message.headers()
         edits = header_edits.header_edits(incoming, headers, tag, self.hostname)
-        signatures = tuple(self._signatures(message, found, verdict, incoming, edits))
+        signatures = tuple(self._signatures(message, found, verdict, originating, incoming, edits))
         edits += header_edits.on_top(signatures)
-        return Outcome(rcpts, policy, verdict, headers, tag, signatures, tuple(edits))
+        return Outcome(rcpts, policy, verdict, originating, headers, tag, signatures, tuple(edits))
 
-    def _signatures(self, message: Message, found: Summary, verdict: Verdict, incoming, edits) -> list:
+    def _signatures(self, message: Message, found: Summary, verdict: Verdict, originating: bool, incoming, edits):
         """DKIM-Signature headers for originating mail, over the message as it will leave: our
         header edits made, the spooled body. A signing failure delivers the message unsigned."""
         signer, envelope = self.signer, message.envelope
-        if signer is None or not signer.wants(envelope, verdict.categories):
+        if signer is None or not signer.wants(originating, verdict.categories):
             return []
         queue_id = envelope.queue_id or "NOQUEUE"
         if message.size > signer.max_size:
@@ -151,17 +163,29 @@ class Engine:
 
 def build_engine(config: Config) -> Engine:
     """The running parts made from a validated config: checks, their resolver and walker, the signer
-    (its keys read). ConfigError when something the config names cannot be used."""
-    signer = build_signer(config.signing, config.path or Path("milterd.toml"))
-    return Engine(config, build_checks(config, Runtime(config)), signer)
+    (its keys read), the policy lookups (the database pool). ConfigError when something the config
+    names cannot be used."""
+    path = config.path or Path("milterd.toml")
+    signer = build_signer(config.signing, path)
+    sql = None
+    if config.sql.enabled:
+        from .sql import SqlLookups, read_dsn
+
+        sql = SqlLookups(config.sql, read_dsn(config.sql, path))
+    lookups = PolicyLookups(config.rules, config.milter.mynetworks, sql)
+    return Engine(config, build_checks(config, Runtime(config)), signer, lookups)
 
 
-def _grouped(recipients: Sequence[Recipient], rules) -> list[tuple[Policy, tuple[str, ...]]]:
+def transaction(envelope: Envelope) -> Transaction:
+    return Transaction(envelope.mail_from, envelope.client_ip, envelope.auth_user, envelope.daemon_name)
+
+
+def _grouped(recipients: Sequence[Recipient], rules) -> list[tuple[Recipient, ...]]:
     """Recipients grouped by equal policy, in the order each policy first appears (none: the default's)."""
-    groups: dict[Policy, list[str]] = {}
+    groups: dict[Policy, list[Recipient]] = {}
     for rcpt in recipients:
-        groups.setdefault(rcpt.policy, []).append(rcpt.address)
-    return [(policy, tuple(addresses)) for policy, addresses in groups.items()] or [(rules.policy, ())]
+        groups.setdefault(rcpt.policy, []).append(rcpt)
+    return [tuple(group) for group in groups.values()] or [(Recipient("", rules.policy),)]
 
 
 def _signature_tags(value: str) -> str:
@@ -184,8 +208,12 @@ def log_line(disposition: Disposition) -> str:
         f"from={address(env.mail_from)},",
         f"to={','.join(address(r) for r in env.rcpts)},",
         f"size={message.size}, category={verdict.category.name}, score={score},",
-        f"action={verdict.action}, reply={f'{reply.code} {reply.xcode}' if reply else '250'}, checks=[{checks}]",
+        f"action={verdict.action}, reply={f'{reply.code} {reply.xcode}' if reply else '250'},",
+        f"checks=[{checks}]",
     ]
+    bank = disposition.outcome.policy.bank
+    if bank:
+        parts[-1:-1] = [f"bank={printable(bank, 100)},"]
     # the results, temperror included: the check's own status stays "ok" whatever DNS did
     auth = [f"{a.method}={a.result}/{a.domain or '-'}" for a in found.authentication if a.listed]
     if auth:

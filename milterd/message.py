@@ -32,6 +32,7 @@ class Envelope:
     helo: str = ""
     queue_id: str = ""
     auth_user: str = ""  # Postfix {auth_authen}: SASL login name
+    daemon_name: str = ""  # Postfix {daemon_name}: the smtpd service it came through (policy banks)
 
     def own_submission(self) -> str | None:
         """Why this is our own users' mail (sender authentication judges other servers), or None."""

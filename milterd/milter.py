@@ -14,12 +14,15 @@ import os
 import pwd
 import re
 import socket
+from dataclasses import replace
 
 import Milter
 
 from . import actions
-from .engine import Engine, Recipient
+from .engine import Engine
+from .lookups import LookupFailed, Recipient, Transaction
 from .message import Envelope, Message, Spool
+from .sanitize import address, printable
 
 log = logging.getLogger("milterd")
 
@@ -33,7 +36,7 @@ class Session(Milter.Base):
     engine: Engine  # the current Engine: serve() sets it, a reload swaps it (this one reference)
 
     def __init__(self):
-        self.client_ip = self.client_name = self.helo = ""
+        self.client_ip = self.client_name = self.helo = self.daemon_name = ""
         self.smtp = True  # False for Postfix's non_smtpd_milters (sendmail, pickup)
         self.spool: Spool | None = None
         self.in_body = False
@@ -57,6 +60,7 @@ class Session(Milter.Base):
     @Milter.noreply
     def connect(self, hostname, family, hostaddr):
         self.client_name = hostname or ""
+        self.daemon_name = self.getsymval("{daemon_name}") or ""  # the smtpd service: policy banks
         if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
             self.client_ip = str(hostaddr[0])
             # Postfix's cleanup presents non-SMTP mail as localhost [127.0.0.1] port 0.
@@ -78,21 +82,29 @@ class Session(Milter.Base):
         """One policy per transaction: a recipient whose policy differs is deferred (452 4.5.3),
         and RFC 5321 clients send it again in a new transaction.
 
-        Postfix cannot defer a recipient of non-SMTP mail (it would hold the whole message), so
-        there the first recipient's policy applies to all, as amavis' milter does.
+        Postfix cannot defer a recipient of non-SMTP mail (it would hold the whole message), and
+        mail clients handle 452 badly, so for those and for originating mail the first recipient's
+        policy applies to all, as amavis' milter does. A lookup that fails defers the recipient
+        (451 4.3.0): it is never taken for non-local because the database was away.
         """
-        recipient = self.transaction_engine.recipient(rcpt.strip("<>"))
+        txn = Transaction(self.mail_from, self.client_ip, self.auth_user, self.daemon_name)
+        try:
+            recipient = self.transaction_engine.recipient(rcpt.strip("<>"), txn)
+        except LookupFailed as e:
+            log.warning("%s: %s: lookup failed, 451: %s", self._queue_id(), address(rcpt), e)
+            self.setreply("451", "4.3.0", "Temporary lookup failure, try again later")
+            return Milter.TEMPFAIL
         if self.rcpts and recipient.policy != self.rcpts[0].policy:
-            if self.smtp:
+            if self.smtp and not recipient.originating:
                 self.setreply("452", "4.5.3", "Too many recipients: please send this one separately")
                 return Milter.TEMPFAIL
-            log.info(
-                "%s: recipients require different policies; the first recipient's applies",
-                self.getsymval("i") or "NOQUEUE",
-            )
-            recipient = Recipient(recipient.address, self.rcpts[0].policy)
+            log.info("%s: recipients require different policies; the first recipient's applies", self._queue_id())
+            recipient = replace(recipient, policy=self.rcpts[0].policy)
         self.rcpts.append(recipient)
         return Milter.CONTINUE
+
+    def _queue_id(self) -> str:
+        return printable(self.getsymval("i") or "", 40) or "NOQUEUE"
 
     def data(self):
         return Milter.CONTINUE
@@ -127,6 +139,7 @@ class Session(Milter.Base):
             helo=self.helo,
             queue_id=self.getsymval("i") or "",
             auth_user=self.auth_user,
+            daemon_name=self.daemon_name,
         )
         message = Message(envelope, self.spool)
         queue_id = envelope.queue_id or "NOQUEUE"

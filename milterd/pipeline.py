@@ -36,13 +36,14 @@ class Pipeline:
             max_workers=max(1, max_concurrent * len(self.checks)), thread_name_prefix="check"
         )
 
-    def run(self, message: Message) -> dict[str, Finding]:
+    def run(self, message: Message, skip: Mapping[str, str] | None = None) -> dict[str, Finding]:
+        """Every check's finding; those named in `skip` are not run, their finding says why (e.g. bypass)."""
         with self._slots:
-            return self._run(message)
+            return self._run(message, skip or {})
 
-    def _run(self, message: Message) -> dict[str, Finding]:
+    def _run(self, message: Message, skip: Mapping[str, str]) -> dict[str, Finding]:
         started: dict[str, tuple[Check, Future, float]] = {}
-        results: dict[str, Finding] = {}
+        results = {name: c.finding("skipped", detail=skip[name]) for c in self.checks if (name := c.name) in skip}
 
         def start(check: Check, earlier: Mapping[str, Finding] | None = None) -> None:
             future = self._pool.submit(_guarded, check, message, earlier or {})
@@ -60,9 +61,9 @@ class Pipeline:
             return results[name]
 
         for check in self.checks:
-            if not check.after:
+            if not check.after and check.name not in skip:
                 start(check)
-        for check in (c for c in self.checks if c.after):
+        for check in (c for c in self.checks if c.after and c.name not in skip):
             earlier = {name: collect(name) for name in check.after if name in started or name in results}
             reason = check.skip_reason(message, earlier)
             if reason:

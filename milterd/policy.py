@@ -57,7 +57,11 @@ class SubjectTags:
 
     virus: str = "***INFECTED*** "
     unchecked: str = "***UNCHECKED*** "
-    spammy: str = "***SPAM*** "
+    spammy: str = "***SPAM*** "  # at tag2_level ($sa_spam_subject_tag, SQL spam_subject_tag2)
+    tagged: str = ""  # at tag_level ($sa_spam_subject_tag1, SQL spam_subject_tag); "" = none, as amavis' undef
+
+
+INTERNAL = {"internal": True}  # field metadata: set by the lookups, never by a rules file
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,24 @@ class Policy:
     # Refuse mail whose From domain's DMARC policy says reject and that failed it (amavis has no
     # DMARC; off by default, so mailing lists that break signatures keep flowing until you decide).
     dmarc_reject: bool = False
-    local: bool = False  # recipient in local_domains: gets spam headers and Subject tags
+    quarantine_cutoff_level: float = 999.0  # spam at or above is not kept in quarantine; 999 = always kept (undef)
+    # amavis' *_lovers: the category is still found (alert, Subject tag), but its destiny is PASS
+    virus_lover: bool = False
+    banned_files_lover: bool = False
+    unchecked_lover: bool = False
+    spam_lover: bool = False
+    bad_header_lover: bool = False
+    # amavis' bypass_*_checks: the check is not run for the recipient, or its finding is ignored
+    bypass_virus_checks: bool = False
+    bypass_banned_checks: bool = False
+    bypass_spam_checks: bool = False
+    bypass_header_checks: bool = False
+    # Set per recipient by the lookups, never in policy.toml:
+    local: bool = field(default=False, metadata=INTERNAL)  # gets spam headers and Subject tags
+    sender_list: Literal["", "W", "B"] = field(default="", metadata=INTERNAL)  # the sender white- or blacklisted
+    sender_score: float = field(default=0.0, metadata=INTERNAL)  # points the sender lists add (amavis' soft wblist)
+    bank: str = field(default="", metadata=INTERNAL, compare=False)  # the policy banks applied, "/"-joined
+    source: str = field(default="built-in", metadata=INTERNAL, compare=False)  # the most specific source used
 
 
 @dataclass(frozen=True)
@@ -113,13 +134,21 @@ def format_score(value: float) -> str:
     return "0" if text in ("-0", "") else text
 
 
+def spam_level(found: Summary, policy: Policy) -> float | None:
+    """The score as this recipient's policy sees it: the checks' points plus what the sender lists
+    add; None when no check scored, or when the recipient bypasses spam checks."""
+    if policy.bypass_spam_checks or found.score is None:
+        return None
+    return found.score + policy.sender_score
+
+
 def categories(found: Summary, policy: Policy) -> tuple[Category, ...]:
     """The message's categories for this policy, highest first.
 
-    A DMARC fail under p=reject is SPAM when `dmarc_reject` is on: the domain owner's word weighs
-    as a kill-level score would (SpamAssassin scores DMARC_REJECT the same way).
+    A whitelisted sender never reaches SPAMMY or SPAM, a blacklisted one always does (amavis). A
+    DMARC fail under p=reject is SPAM when `dmarc_reject` is on: the domain owner's word weighs as
+    a kill-level score would (SpamAssassin scores DMARC_REJECT the same way).
     """
-    score = found.score
     present = {Category.CLEAN}
     if found.viruses:
         present.add(Category.VIRUS)
@@ -129,9 +158,9 @@ def categories(found: Summary, policy: Policy) -> tuple[Category, ...]:
         present.add(Category.UNCHECKED)
     if found.bad_headers:
         present.add(Category.BAD_HEADER)
-    if (score is not None and score >= policy.kill_level) or _dmarc_reject(found, policy):
+    if _spam_by_level(found, policy, policy.kill_level) or _dmarc_reject(found, policy):
         present.add(Category.SPAM)
-    if score is not None and score >= policy.tag2_level:
+    if _spam_by_level(found, policy, policy.tag2_level):
         present.add(Category.SPAMMY)
     return tuple(sorted(present, reverse=True))
 
@@ -139,7 +168,7 @@ def categories(found: Summary, policy: Policy) -> tuple[Category, ...]:
 def decide(findings: Mapping[str, Finding] | Summary, policy: Policy) -> Verdict:
     """The amavis walk: categories high to low, the first whose destiny is not PASS blocks."""
     found = findings if isinstance(findings, Summary) else summarize(findings)
-    score = found.score
+    score = spam_level(found, policy)
     ordered = categories(found, policy)
     unchecked_why = found.unchecked_why
     for category in ordered:
@@ -147,14 +176,14 @@ def decide(findings: Mapping[str, Finding] | Summary, policy: Policy) -> Verdict
             reply = Reply("451", "4.7.1", printable(f"Try again later: {unchecked_why}"))
             return Verdict(ordered[0], ordered, "tempfail", reply, score, reason=unchecked_why)
         destiny = _destiny(category, policy)
-        if category is Category.SPAM and (score is None or score < policy.kill_level):
+        if category is Category.SPAM and not _spam_by_level(found, policy, policy.kill_level):
             destiny = Destiny.PASS  # SPAM by the DMARC policy alone: that reject follows
         if destiny is Destiny.PASS:
             if category is Category.SPAM and _dmarc_reject(found, policy):
                 reply = Reply("550", "5.7.1", printable(f"Rejected: {found.policy_reject}"))
                 return Verdict(ordered[0], ordered, "reject", reply, score, reason=found.policy_reject)
             continue
-        why = _reason(category, found, unchecked_why)
+        why = _reason(category, found, score, policy, unchecked_why)
         if destiny is Destiny.DISCARD or (
             destiny is Destiny.BOUNCE and score is not None and score >= policy.dsn_cutoff_level
         ):
@@ -165,21 +194,30 @@ def decide(findings: Mapping[str, Finding] | Summary, policy: Policy) -> Verdict
     return Verdict(ordered[0], ordered, "accept", None, score)
 
 
+def _spam_by_level(found: Summary, policy: Policy, level: float) -> bool:
+    if policy.sender_list:
+        return policy.sender_list == "B" and not policy.bypass_spam_checks
+    score = spam_level(found, policy)
+    return score is not None and score >= level
+
+
 def _dmarc_reject(found: Summary, policy: Policy) -> bool:
     return policy.dmarc_reject and bool(found.policy_reject)
 
 
 def _destiny(category: Category, policy: Policy) -> Destiny:
-    return {
-        Category.VIRUS: policy.destiny.virus,
-        Category.BANNED: policy.destiny.banned,
-        Category.UNCHECKED: policy.destiny.unchecked,
-        Category.SPAM: policy.destiny.spam,
-        Category.BAD_HEADER: policy.destiny.bad_header,
-    }.get(category, Destiny.PASS)
+    """The category's destiny for this recipient: PASS for its lovers."""
+    destiny, lover = {
+        Category.VIRUS: (policy.destiny.virus, policy.virus_lover),
+        Category.BANNED: (policy.destiny.banned, policy.banned_files_lover),
+        Category.UNCHECKED: (policy.destiny.unchecked, policy.unchecked_lover),
+        Category.SPAM: (policy.destiny.spam, policy.spam_lover),
+        Category.BAD_HEADER: (policy.destiny.bad_header, policy.bad_header_lover),
+    }.get(category, (Destiny.PASS, False))
+    return Destiny.PASS if lover else destiny
 
 
-def _reason(category: Category, found: Summary, unchecked: str) -> str:
+def _reason(category: Category, found: Summary, score: float | None, policy: Policy, unchecked: str) -> str:
     if category is Category.VIRUS:
         return f"virus {', '.join(found.viruses)} found"
     if category is Category.BANNED:
@@ -188,6 +226,8 @@ def _reason(category: Category, found: Summary, unchecked: str) -> str:
         return f"bad header section: {'; '.join(found.bad_headers)}"
     if category is Category.UNCHECKED:
         return f"message could not be checked ({unchecked})"
+    if category is Category.SPAM and policy.sender_list == "B":
+        return "spam, sender blacklisted"
     if category is Category.SPAM:
-        return f"spam, score {format_score(found.score or 0)}"
+        return f"spam, score {format_score(score or 0)}"
     return category.name.lower().replace("_", " ")

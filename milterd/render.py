@@ -19,7 +19,7 @@ def rendered(
     """(headers to add, Subject tag) of a passed message; nothing for a blocked one."""
     if verdict.action != "accept":
         return (), ""
-    return added_headers(found, policy, verdict, hostname), subject_tag(policy, verdict.categories)
+    return added_headers(found, policy, verdict, hostname), subject_tag(policy, verdict)
 
 
 def added_headers(found: Summary, policy: Policy, verdict: Verdict, hostname: str) -> tuple[tuple[str, str], ...]:
@@ -31,10 +31,12 @@ def added_headers(found: Summary, policy: Policy, verdict: Verdict, hostname: st
     if found.virus_scanned:
         headers.append(("X-Virus-Scanned", f"milterd at {printable(hostname)}"))
     headers += [("X-Amavis-Alert", printable(text, 900)) for text in _alerts(found, verdict.categories)]
-    score = found.score
-    if policy.local and score is not None and score >= policy.tag_level:
+    score = verdict.spam_score  # the policy's spam level: None when spam checks were bypassed
+    if policy.local and _tagged(policy, score):
         spammy = Category.SPAMMY in verdict.categories
-        tests = ", ".join(f"{name}={format_score(points)}" for name, points in found.symbols)
+        symbols = [*found.symbols, *([("SENDER_SCORE", policy.sender_score)] if policy.sender_score else [])]
+        tests = ", ".join(f"{name}={format_score(points)}" for name, points in symbols)
+        listed = {"W": " WHITELISTED", "B": " BLACKLISTED"}.get(policy.sender_list, "")
         headers += [
             ("X-Spam-Flag", "YES" if spammy else "NO"),
             ("X-Spam-Score", format_score(score)),
@@ -44,7 +46,7 @@ def added_headers(found: Summary, policy: Policy, verdict: Verdict, hostname: st
                 printable(
                     f"{'Yes' if spammy else 'No'}, score={format_score(score)}"
                     f" tagged_above={format_score(policy.tag_level)}"
-                    f" required={format_score(policy.tag2_level)} tests=[{tests}]",
+                    f" required={format_score(policy.tag2_level)}{listed} tests=[{tests}]",
                     4000,
                 ),
             ),
@@ -63,15 +65,24 @@ def _alerts(found: Summary, categories: tuple[Category, ...]) -> list[str]:
     return [text() for category, text in texts.items() if category in categories]
 
 
-def subject_tag(policy: Policy, categories: tuple[Category, ...]) -> str:
+def _tagged(policy: Policy, score: float | None) -> bool:
+    """At tag_level or above; a whitelisted sender gets 10 points less for this test only (amavis)."""
+    if score is None:
+        return False
+    return (score - 10 if policy.sender_list == "W" else score) >= policy.tag_level
+
+
+def subject_tag(policy: Policy, verdict: Verdict) -> str:
+    """The first tag that applies, from the top: virus, unchecked, spammy (tag2), tagged (tag level)."""
     if not policy.local:
         return ""
-    tags = policy.subject_tags
-    for category, tag in (
-        (Category.VIRUS, tags.virus),
-        (Category.UNCHECKED, tags.unchecked),
-        (Category.SPAMMY, tags.spammy),
+    tags, categories = policy.subject_tags, verdict.categories
+    for applies, tag in (
+        (Category.VIRUS in categories, tags.virus),
+        (Category.UNCHECKED in categories, tags.unchecked),
+        (Category.SPAMMY in categories, tags.spammy),
+        (_tagged(policy, verdict.spam_score), tags.tagged),
     ):
-        if category in categories and tag:
+        if applies and tag:
             return tag
     return ""

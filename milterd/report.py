@@ -30,6 +30,7 @@ def as_json(name: str, disposition: Disposition) -> str:
         "headers": [list(h) for h in outcome.headers],
         "subject_tag": outcome.subject_tag,
         "signatures": [list(s) for s in outcome.signatures],
+        "policy": {"bank": outcome.policy.bank, "source": outcome.policy.source, "local": outcome.policy.local},
     }
     return json.dumps(record, ensure_ascii=True)
 

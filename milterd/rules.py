@@ -1,62 +1,146 @@
-"""The operator's rules directory, layered over the package defaults, and per-recipient lookups.
+"""The operator's rules directory, layered over the package's built-in (Debian amavis') defaults.
 
-The defaults live in code (policy.Policy); `rules/policy.toml` holds only what the operator
-changed, so an upgrade never clobbers an operator file. `rules/banned.toml` is the operator's
-banned-file list (amavis bans nothing by default; Debian's list ships in its conf.d, and ours in
-rules/), read whole.
+The defaults live in the package (policy.Policy, checks/*.py's score tables, defaults/banned.toml);
+each rules file holds only what the operator changed, so an upgrade never clobbers an operator file:
+- policy.toml: levels, destinies, Subject tags, local_domains, recipient_delimiter, [[bank]]s;
+- banned.toml: banned-file rules, tried before the built-in list;
+- scores.toml: points and thresholds of the checks' tests;
+- recipients.toml: per-recipient settings by amavis lookup key (what amavis' SQL policy table holds);
+- senders.toml: sender white/blacklists and scores, for everyone or per recipient.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
-from .checks.banned import BannedRule, parse_rules
+from .checks.banned import BannedRule
+from .checks.banned import load_rules as load_banned
+from .lookups import (
+    ORIGINATING,
+    Bank,
+    SenderLists,
+    is_local_domain,
+    parse_bank,
+    parse_recipients,
+    parse_senders,
+)
 from .policy import Policy
 from .scores import Scores, default_scores, parse_scores
 from .tomlschema import ConfigError, build, read_toml
 
-RULE_FILES = ("policy.toml", "banned.toml", "scores.toml")
+RULE_FILES = ("policy.toml", "banned.toml", "scores.toml", "recipients.toml", "senders.toml")
+BUILTIN = "built-in"
 
 
 @dataclass(frozen=True)
 class Rules:
-    policy: Policy = field(default_factory=Policy)
+    policy: Policy = field(default_factory=Policy)  # policy.toml over the built-in defaults
     local_domains: tuple[str, ...] = ()  # "example.com" exactly, ".example.org" and its subdomains
-    banned: tuple[BannedRule, ...] = ()  # in order; the first that matches decides
-    scores: Scores = field(default_factory=default_scores)  # points and thresholds, per table (rules/scores.toml)
+    recipient_delimiter: str = ""  # amavis' $recipient_delimiter: "+" makes user+ext@ look up user@ too
+    localpart_is_case_sensitive: bool = False
+    banks: tuple[Bank, ...] = field(default_factory=lambda: (_builtin_originating(),))  # ORIGINATING first
+    recipients: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # lookup key -> settings
+    senders: SenderLists = field(default_factory=SenderLists)
+    banned: tuple[BannedRule, ...] = field(default_factory=lambda: load_banned(None))  # the first match decides
+    scores: Scores = field(default_factory=default_scores)  # points and thresholds, per table
+    # where each setting came from, for check-config --show: "policy.toml" or "built-in"
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    policy_data: Mapping[str, Any] = field(default_factory=dict, compare=False)  # policy.toml's settings
+    _bank_policies: dict = field(default_factory=dict, compare=False, repr=False)
 
     def is_local(self, address: str) -> bool:
-        domain = address.strip("<>").rpartition("@")[2].lower().rstrip(".")
-        for entry in self.local_domains:
-            entry = entry.lower()
-            if domain == entry.lstrip(".") or (entry.startswith(".") and domain.endswith(entry)):
-                return True
-        return False
+        return is_local_domain(address, self.local_domains)
 
     def policy_for(self, recipient: str) -> Policy:
-        """The policy of one recipient. Recipients with equal policies may share a transaction."""
-        return replace(self.policy, local=self.is_local(recipient))
+        """The policy of one recipient from policy.toml alone (no banks, no per-recipient maps)."""
+        return replace(self.policy, local=self.is_local(recipient), source=self.policy.source)
+
+    def bank_policy(self, banks: tuple[str, ...]) -> Policy:
+        """policy.toml with the named banks' settings over it, in order; made once per combination."""
+        if not banks:
+            return self.policy
+        if banks not in self._bank_policies:
+            data = dict(self.policy_data)
+            for bank in self.banks:
+                if bank.name in banks:
+                    data = _merged(data, bank.overrides)
+            policy = build(Policy, data, Path("policy.toml"))
+            self._bank_policies[banks] = replace(policy, bank="/".join(banks), source="policy.toml")
+        return self._bank_policies[banks]
 
 
 def load_rules(directory: Path | None) -> Rules:
-    """Read `policy.toml` and `banned.toml` from the rules directory (None: the package defaults only)."""
+    """Read the rules directory (None: the package defaults only)."""
     if directory is None:
         return Rules()
     unknown = sorted(p.name for p in directory.glob("*.toml") if p.name not in RULE_FILES)
     if unknown:
         raise ConfigError(f"{directory / unknown[0]}: unknown rules file (known: {', '.join(RULE_FILES)})")
-    banned_path = directory / "banned.toml"
-    banned = parse_rules(read_toml(banned_path), banned_path) if banned_path.exists() else ()
     scores_path = directory / "scores.toml"
-    scores = parse_scores(read_toml(scores_path), scores_path) if scores_path.exists() else default_scores()
+    recipients_path = directory / "recipients.toml"
+    senders_path = directory / "senders.toml"
+    rules = dict(
+        banned=load_banned(directory / "banned.toml"),
+        scores=parse_scores(read_toml(scores_path), scores_path) if scores_path.exists() else default_scores(),
+        recipients=parse_recipients(read_toml(recipients_path), recipients_path) if recipients_path.exists() else {},
+        senders=parse_senders(read_toml(senders_path), senders_path) if senders_path.exists() else SenderLists(),
+    )
     path = directory / "policy.toml"
-    if not path.exists():
-        return Rules(banned=banned, scores=scores)
-    data = read_toml(path)
+    data = read_toml(path) if path.exists() else {}
+    given = set(data)
     domains = data.pop("local_domains", [])
     if "local" in data:
         raise ConfigError(f"{path}: unknown key local (use local_domains)")
     if not isinstance(domains, list) or not all(isinstance(d, str) and d.strip(".") for d in domains):
         raise ConfigError(f"{path}: local_domains must be a list of domain names")
-    return Rules(policy=build(Policy, data, path), local_domains=tuple(domains), banned=banned, scores=scores)
+    delimiter = data.pop("recipient_delimiter", "")
+    if not isinstance(delimiter, str) or len(delimiter) > 8 or any(c in delimiter for c in "@ \t"):
+        raise ConfigError(f'{path}: recipient_delimiter must be a few characters such as "+" or "+-"')
+    case = data.pop("localpart_is_case_sensitive", False)
+    if not isinstance(case, bool):
+        raise ConfigError(f"{path}: localpart_is_case_sensitive must be true or false")
+    tables = data.pop("bank", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"{path}: bank must be an array of tables ([[bank]])")
+    policy = replace(build(Policy, data, path), source="policy.toml" if data else BUILTIN)
+
+    def check(overrides: dict, where: str) -> None:
+        build(Policy, _merged(data, overrides), path, f"{where}.")
+
+    banks = [parse_bank(t, path, f"bank[{i}]", lambda o, i=i: check(o, f"bank[{i}]")) for i, t in enumerate(tables)]
+    names = [bank.name for bank in banks]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"{path}: two [[bank]]s are named {next(n for n in names if names.count(n) > 1)}")
+    if ORIGINATING not in names:
+        banks.insert(0, _builtin_originating())
+    return Rules(
+        policy=policy,
+        local_domains=tuple(domains),
+        recipient_delimiter=delimiter,
+        localpart_is_case_sensitive=case,
+        banks=tuple(sorted(banks, key=lambda b: b.name != ORIGINATING)),
+        sources={
+            name: ("policy.toml" if name in given else BUILTIN) for name in (*_NAMES, *(f.name for f in fields(Policy)))
+        },
+        policy_data=data,
+        **rules,
+    )
+
+
+_NAMES = ("local_domains", "recipient_delimiter", "localpart_is_case_sensitive")
+
+
+def _builtin_originating() -> Bank:
+    """amavis' ORIGINATING: SASL-authenticated clients and mynetworks; it changes nothing until configured."""
+    return Bank(ORIGINATING, originating=True)
+
+
+def _merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`; tables ([destiny], [subject_tags]) merged key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

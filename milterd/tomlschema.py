@@ -32,7 +32,7 @@ def read_toml(path: Path) -> dict:
 def build(cls, data: dict, path: Path, prefix: str = ""):
     """Instantiate dataclass `cls` from a TOML table, checking every key and type."""
     hints = typing.get_type_hints(cls)
-    fields_by_name = {f.name: f for f in fields(cls) if f.init}
+    fields_by_name = {f.name: f for f in fields(cls) if f.init and not f.metadata.get("internal")}
     allowed = set(fields_by_name)
     kwargs = {}
     for key, value in data.items():

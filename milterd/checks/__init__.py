@@ -74,6 +74,7 @@ class CheckSpec:
     critical: bool = False
     needs: tuple[str, ...] = ()  # built only when these are enabled too (DMARC judges DKIM and SPF)
     scores: Mapping[str, ScoreTable] = field(default_factory=dict)  # the rules/scores.toml tables it reads
+    bypass: str = ""  # the Policy flag that skips it for a recipient (amavis' bypass_*_checks)
 
 
 _registered: dict[str, CheckSpec] = {}
@@ -89,12 +90,13 @@ def register(
     critical: bool = False,
     needs: tuple[str, ...] = (),
     scores: Mapping[str, ScoreTable] | None = None,
+    bypass: str = "",
 ):
     """Class decorator: declare a check once."""
 
     def declare(cls: type[Check]) -> type[Check]:
         cls.name, cls.critical, cls.after = name, critical, after
-        _registered[name] = CheckSpec(name, settings, order, build, after, critical, needs, scores or {})
+        _registered[name] = CheckSpec(name, settings, order, build, after, critical, needs, scores or {}, bypass)
         return cls
 
     return declare

@@ -69,6 +69,7 @@ def scanner(address: str, timeout: float):
 
 @register(
     name="clamav",
+    bypass="bypass_virus_checks",
     settings=ClamavSettings,
     order=10,
     critical=True,

@@ -148,6 +148,7 @@ class DccSettings:
 
 @register(
     name="dcc",
+    bypass="bypass_spam_checks",
     settings=DccSettings,
     order=100,
     scores={"dcc": SCORES},

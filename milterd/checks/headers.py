@@ -22,7 +22,13 @@ class HeadersSettings:
     enabled: bool = True
 
 
-@register(name="headers", settings=HeadersSettings, order=40, build=lambda _, runtime: HeadersCheck(runtime.walker))
+@register(
+    name="headers",
+    bypass="bypass_header_checks",
+    settings=HeadersSettings,
+    order=40,
+    build=lambda _, runtime: HeadersCheck(runtime.walker),
+)
 class HeadersCheck(Check):
     def __init__(self, walker: Walker):
         self.walker = walker  # the MIME framing errors come from the walk the banned check shares

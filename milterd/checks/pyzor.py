@@ -127,6 +127,7 @@ def is_hit(count: int, wl_count: int, scoring: Mapping[str, float]) -> bool:
 
 @register(
     name="pyzor",
+    bypass="bypass_spam_checks",
     settings=PyzorSettings,
     order=80,
     scores={"pyzor": SCORES},

@@ -178,6 +178,7 @@ class RazorSettings:
 
 @register(
     name="razor",
+    bypass="bypass_spam_checks",
     settings=RazorSettings,
     order=90,
     scores={"razor": SCORES},

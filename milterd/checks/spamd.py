@@ -77,6 +77,7 @@ class SpamdSettings:
 
 @register(
     name="spamd",
+    bypass="bypass_spam_checks",
     settings=SpamdSettings,
     order=20,
     critical=True,

@@ -158,9 +158,12 @@ def test_spamd_down_with_unchecked_delivers_marked_unchecked(mta):
 
 
 def test_a_recipient_with_another_policy_is_deferred_to_a_new_transaction(mta):
+    """From a remote MTA (XCLIENT): originating mail keeps its recipients, as amavis' milter."""
     postfix, _ = mta
     with smtplib.SMTP("127.0.0.1", postfix.ports["shipped"], timeout=30) as smtp:
         smtp.ehlo()
+        assert smtp.docmd("XCLIENT", "ADDR=192.0.2.1 NAME=mail.remote.test")[0] == 220
+        smtp.ehlo("mail.remote.test")
         smtp.mail("sender@remote.test")
         assert smtp.rcpt("user@example.com")[0] == 250
         postfix_code, text = smtp.rcpt("someone@remote.test")

@@ -51,7 +51,8 @@ def mta(tmp_path_factory, clamd, spamd, dns):
             dns=dns.nameserver,
         )
         networks = f"mynetworks = {mynetworks!r}\n".replace("'", '"') if mynetworks else ""
-        config.write_text(config.read_text() + f"[signing]\nenabled = true\n{networks}{keys}")
+        text = config.read_text().replace("[milter]\n", f"[milter]\n{networks}", 1)
+        config.write_text(text + f"[signing]\nenabled = true\n{keys}")
         return start_milterd(config)
 
     with ThreadPoolExecutor(len(LISTENERS)) as pool:

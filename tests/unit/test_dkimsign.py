@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 import re
@@ -17,7 +18,8 @@ import pytest
 from milterd.config import load_config
 from milterd.dkimsign import Signer, SigningSettings, build_signer, generate_key, load_key, zone_lines
 from milterd.edits import edited, header_edits, on_top
-from milterd.message import Envelope, header_section, split_header_section
+from milterd.lookups import Transaction, is_originating
+from milterd.message import header_section, split_header_section
 from milterd.policy import Category
 from milterd.tomlschema import ConfigError
 
@@ -179,7 +181,6 @@ def test_a_relative_key_path_is_relative_to_the_config_file_and_check_config_rea
 @pytest.mark.parametrize(
     "extra, problem, loads",
     [
-        ('mynetworks = ["10.0.0.0/33"]', r"signing.mynetworks\[0\]: '10.0.0.0/33' is not a network", False),
         ('headers = ["Subject"]', "signing.headers must include From", False),
         # dkimpy's list of fields that must not be signed is read when the signer is built
         ('headers = ["From", "Received"]', "signing.headers: received must not be signed", True),
@@ -229,19 +230,29 @@ def test_a_key_table_needs_domain_selector_and_key_and_enabled_needs_a_key(tmp_p
         ("garbage", "", False),
     ],
 )
-def test_originating_is_sasl_authenticated_or_inside_mynetworks(keys, ip, auth, originating):
-    assert signer(keys).originating(Envelope(client_ip=ip, auth_user=auth)) is originating
+def test_originating_is_sasl_authenticated_or_inside_mynetworks(ip, auth, originating):
+    loopback = [ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128")]
+    assert is_originating(Transaction(client_ip=ip, auth_user=auth), loopback) is originating
 
 
-def test_mynetworks_replaces_the_default(keys):
-    s = signer(keys, mynetworks=["192.0.2.0/24", "2001:db8::/32"])
-    assert s.originating(Envelope(client_ip="192.0.2.7"))
-    assert s.originating(Envelope(client_ip="2001:db8::25"))
-    assert not s.originating(Envelope(client_ip="127.0.0.1"))
+def test_mynetworks_replaces_the_default(tmp_path):
+    (tmp_path / "rules").mkdir()
+    path = tmp_path / "milterd.toml"
+    path.write_text('[milter]\nmynetworks = ["192.0.2.0/24", "2001:db8::/32"]\n')
+    networks = [ipaddress.ip_network(n) for n in load_config(path).milter.mynetworks]
+    assert is_originating(Transaction(client_ip="192.0.2.7"), networks)
+    assert is_originating(Transaction(client_ip="2001:db8::25"), networks)
+    assert not is_originating(Transaction(client_ip="127.0.0.1"), networks)
+    path.write_text('[milter]\nmynetworks = ["10.0.0.0/33"]\n')
+    with pytest.raises(ConfigError, match=rf"{path}: milter.mynetworks\[0\]: '10.0.0.0/33' is not a network"):
+        load_config(path)
+    path.write_text('[signing]\nmynetworks = ["10.0.0.0/8"]\n')
+    with pytest.raises(ConfigError, match=rf"{path}: signing.mynetworks is now milter.mynetworks"):
+        load_config(path)
 
 
 def test_virus_spam_and_spammy_mail_is_never_signed_as_amavis(keys):
-    s, local = signer(keys), Envelope(client_ip="127.0.0.1")
+    s, local = signer(keys), True  # originating
     assert s.wants(local, (Category.CLEAN,))
     assert s.wants(local, (Category.UNCHECKED, Category.CLEAN))
     assert not s.wants(local, (Category.SPAMMY, Category.CLEAN))
