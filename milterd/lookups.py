@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .policy import Policy
+from .sanitize import printable
 from .tomlschema import ConfigError
 
 if TYPE_CHECKING:
@@ -339,9 +340,7 @@ class PolicyLookups:
         values: dict[str, Any] = {}
         row = self.sql.policy(keys) if self.sql is not None else None
         if row is not None:
-            values = {
-                n: field_value(n, v) for n, v in row.items() if v is not None and n in (*RECIPIENT_FIELDS, "local")
-            }
+            values = _row_values(row)
             if "local" not in row:  # a matching row makes the recipient local, unless it says (NULL: fall through)
                 values["local"] = True
         mapped = False
@@ -373,6 +372,19 @@ class PolicyLookups:
             if found is not None:
                 return found
         return self.rules.senders.lookup(recipient_keys, sender_keys)
+
+
+def _row_values(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a policy row sets (its NULLs fall through); a value of the wrong kind is a
+    failed lookup (4xx until it is mended), never a guess."""
+    values = {}
+    for name, value in row.items():
+        if value is not None and (name in RECIPIENT_FIELDS or name == "local"):
+            try:
+                values[name] = field_value(name, value)
+            except ValueError:
+                raise LookupFailed(f"select_policy: column {name} is {printable(repr(value), 60)}") from None
+    return values
 
 
 def _with(policy: Policy, values: Mapping[str, Any], **internal) -> Policy:

@@ -357,3 +357,10 @@ def test_whitelisted_senders_are_never_spam_and_blacklisted_always(tmp_path):
     foe = lookups.recipient("a@example.com", Transaction(mail_from="x@foe.test")).policy
     assert Category.SPAM not in decide(spam, friend).categories
     assert {Category.SPAM, Category.SPAMMY} <= set(decide(ham, foe).categories)
+
+
+def test_a_value_of_the_wrong_kind_in_the_database_is_a_lookup_failure_not_a_guess(tmp_path, database):
+    amavis_user(database, "joe@example.com", 9, spam_kill_level="lots")
+    lookups = chain(tmp_path, settings(database, select_policy=AMAVIS))
+    with pytest.raises(LookupFailed, match="column spam_kill_level is 'lots'"):
+        lookups.recipient("joe@example.com", REMOTE)
