@@ -15,6 +15,7 @@ from pathlib import Path
 from . import __version__, report, sources
 from .config import load_config
 from .message import Envelope, Message, Spool
+from .quarantine import CATEGORIES as QUARANTINE_CATEGORIES
 from .tomlschema import ConfigError
 
 log = logging.getLogger("milterd")
@@ -57,6 +58,24 @@ def main(argv: list[str] | None = None) -> int:
         "--show", action="store_true", help="print the effective settings and where each came from (runs SQL once)"
     )
 
+    quarantine = sub.add_parser("quarantine", help="list, show and purge quarantined messages")
+    qsub = quarantine.add_subparsers(dest="action", required=True)
+    qlist = qsub.add_parser("list", help="kept messages, oldest first")
+    qlist.add_argument("--json", action="store_true", help="one JSON object per line")
+    qlist.add_argument("--category", choices=QUARANTINE_CATEGORIES, help="only this category")
+    qlist.add_argument("--since", help="only those kept in the last AGE (90s, 30m, 2h, 7d)")
+    qshow = qsub.add_parser("show", help="a kept message's envelope, reason and header section")
+    qshow.add_argument("id", metavar="ID")
+    qpurge = qsub.add_parser("purge", help="remove entries older than [quarantine] keep_days")
+    for each in (qlist, qshow, qpurge):
+        each.add_argument("--config", type=Path, help="config file (default /etc/milterd/milterd.toml)")
+
+    rel = sub.add_parser("release", help="re-send a quarantined message to its recipients (or --to) via release_via")
+    rel.add_argument("--config", type=Path, help="config file (default /etc/milterd/milterd.toml)")
+    rel.add_argument("id", metavar="ID")
+    rel.add_argument("--to", action="append", default=[], metavar="ADDR", help="send to ADDR instead (repeatable)")
+    rel.add_argument("--learn-ham", action="store_true", help="also teach SpamAssassin it is ham (spamd TELL)")
+
     keygen = sub.add_parser(
         "dkim-keygen",
         help="make a DKIM signing key; print the DNS record to publish and the [[signing.key]] to add",
@@ -81,7 +100,80 @@ def main(argv: list[str] | None = None) -> int:
         return _scan(config, args)
     if args.command == "report":
         return _report(config, args)
+    if args.command in ("quarantine", "release"):
+        return _quarantine(config, args)
     return _run(config, args)
+
+
+def _quarantine(config, args) -> int:
+    """`quarantine list|show|purge` and `release`: the directory of [quarantine], read as the daemon wrote it."""
+    import json
+    import time
+
+    from .quarantine import DirectoryStore, QuarantineError, parse_age, release
+
+    store = DirectoryStore((config.path or Path("milterd.toml")).parent / config.quarantine.directory)
+    try:
+        if args.command == "release":
+            entry = release(store, config.quarantine, args.id, args.to)
+            print(f"{args.id}: released to {', '.join(entry.released_to)} via {config.quarantine.release_via}")
+            if args.learn_ham:
+                return _learn_ham(config, store, args.id)
+            return EXIT_OK
+        if args.action == "purge":
+            removed = store.purge(time.time() - config.quarantine.keep_days * 86400)
+            print(f"milterd: {removed} entries older than {config.quarantine.keep_days} days removed")
+            return EXIT_OK
+        if args.action == "show":
+            entry = store.get(args.id)
+            for key, value in entry.to_json().items():
+                print(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
+            print()
+            with store.open(args.id) as stream:
+                sys.stdout.write(_header_section(stream).decode("utf-8", "replace"))
+            return EXIT_OK
+        since = time.time() - parse_age(args.since) if args.since else 0.0
+        for entry in store.entries():
+            if entry.time >= since and args.category in (None, entry.category):
+                print(json.dumps(_listed(entry)) if args.json else _row(entry))
+        return EXIT_OK
+    except (QuarantineError, ValueError) as e:
+        print(f"milterd: {e}", file=sys.stderr)
+        return EXIT_BLOCKED
+    except OSError as e:
+        print(f"milterd: {config.quarantine.directory}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_BLOCKED
+
+
+def _listed(entry) -> dict:
+    """`quarantine list --json`: id, time, category, mail_from, rcpts, size, reason (and released)."""
+    keys = ("id", "time", "category", "mail_from", "rcpts", "size", "reason", "released")
+    return {k: v for k, v in entry.to_json().items() if k in keys}
+
+
+def _row(entry) -> str:
+    """One line per entry; the addresses and the reason are the sender's text: made printable."""
+    import time
+
+    from .sanitize import address, printable
+
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.time))
+    envelope = f"{address(entry.mail_from)} -> {','.join(address(r) for r in entry.rcpts)}"
+    released = " (released)" if entry.released else ""
+    return f"{entry.id}  {when}  {entry.category:<10} {envelope}  {printable(entry.reason)}{released}"
+
+
+def _header_section(stream) -> bytes:
+    lines = []
+    while (line := stream.readline(1 << 20)) and line not in (b"\r\n", b"\n"):
+        lines.append(line)
+    return b"".join(lines).replace(b"\r\n", b"\n")
+
+
+def _learn_ham(config, store, entry_id: str) -> int:
+    """Teach SpamAssassin a released message is ham (spamd TELL)."""
+    print("milterd: --learn-ham: not available yet", file=sys.stderr)
+    return EXIT_BLOCKED
 
 
 def _check_config(config, show: bool) -> int:
@@ -124,6 +216,10 @@ def _run(config, args) -> int:
         )
         context.open()
     _setup_logging(settings.log_file, settings.log_level, foreground=args.foreground)
+    if engine.quarantine is not None:
+        from .quarantine import purge_daily
+
+        purge_daily(engine.quarantine, config.quarantine.keep_days)
     try:
         serve(engine)
     except Exception as e:
@@ -151,6 +247,11 @@ def _reporters(config) -> list[tuple[str, Reporter]]:
 
         rz = config.razor
         reporters.append(("razor", lambda raw, spam: razor.report(raw, rz.command, rz.homedir, rz.timeout, spam=spam)))
+    if config.spamd.enabled:  # SpamAssassin's Bayes learns it (TELL; spamd needs --allow-tell)
+        from .checks import spamd
+
+        sa = config.spamd
+        reporters.append(("spamd", lambda raw, spam: spamd.tell(raw, sa.address, sa.timeout, sa.user, spam=spam)))
     return reporters
 
 
@@ -235,7 +336,7 @@ def _scan(config, args) -> int:
         return EXIT_USAGE
     # Scanning is offline: one message at a time per job, so the engine needs as many slots as jobs.
     try:
-        engine = build_engine(replace(config, milter=replace(config.milter, max_concurrent=args.jobs)))
+        engine = build_engine(replace(config, milter=replace(config.milter, max_concurrent=args.jobs)), offline=True)
     except ConfigError as e:
         print(f"milterd: {e}", file=sys.stderr)
         return EXIT_USAGE

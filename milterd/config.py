@@ -9,6 +9,7 @@ so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import typing
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ from typing import Any
 from .checks import registry
 from .dkimsign import SigningSettings, check_signing
 from .dns import parse_nameserver
+from .quarantine import QuarantineSettings
 from .rules import Rules, load_rules
 from .sql import SqlSettings, check_sql
 from .tomlschema import POSITIVE, ConfigError, build, read_toml
@@ -64,6 +66,7 @@ class Config:
     signing: SigningSettings = field(default_factory=SigningSettings)
     dns: DnsSettings = field(default_factory=DnsSettings)
     sql: SqlSettings = field(default_factory=SqlSettings)
+    quarantine: QuarantineSettings = field(default_factory=QuarantineSettings)
     checks: Mapping[str, Any] = field(default_factory=dict)  # check name -> its settings ([name])
     given: frozenset[str] = field(default=frozenset(), compare=False)  # "section.key"s the file sets
 
@@ -78,7 +81,13 @@ class Config:
         raise AttributeError(name)
 
 
-_SECTIONS = {"milter": MilterSettings, "signing": SigningSettings, "dns": DnsSettings, "sql": SqlSettings}
+_SECTIONS = {
+    "milter": MilterSettings,
+    "signing": SigningSettings,
+    "dns": DnsSettings,
+    "sql": SqlSettings,
+    "quarantine": QuarantineSettings,
+}
 
 
 def load_config(path: Path | None = None) -> Config:
@@ -115,6 +124,9 @@ def load_config(path: Path | None = None) -> Config:
             raise ConfigError(f"{path}: milter.mynetworks[{i}]: {network!r} is not a network (CIDR)") from None
     check_signing(sections["signing"], path)
     check_sql(sections["sql"], path)
+    via = sections["quarantine"].release_via
+    if not re.fullmatch(r"\[?[^\s\[\]]+\]?:\d{1,5}", via):
+        raise ConfigError(f"{path}: quarantine.release_via must be HOST:PORT, not {via!r}")
     rules_dir = path.parent / sections["milter"].rules
     if not rules_dir.is_dir():
         raise ConfigError(f"{path}: milter.rules: {rules_dir} is not a directory")
@@ -125,6 +137,7 @@ def load_config(path: Path | None = None) -> Config:
         signing=sections.pop("signing"),
         dns=sections.pop("dns"),
         sql=sections.pop("sql"),
+        quarantine=sections.pop("quarantine"),
         checks=sections,
         given=frozenset(f"{name}.{key}" for name, table in data.items() for key in table),
     )

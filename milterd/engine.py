@@ -9,8 +9,9 @@ reference, and a transaction keeps the Engine it started with.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import edits as header_edits
@@ -22,13 +23,15 @@ from .findings import Finding, Summary, summarize
 from .lookups import LookupFailed, PolicyLookups, Recipient, Transaction
 from .message import Envelope, Message, header_section, split_header_section
 from .pipeline import Pipeline
-from .policy import Category, Policy, Reply, Verdict, decide, format_score
+from .policy import Category, Policy, Reply, Verdict, decide, format_score, kept
+from .quarantine import DirectoryStore, Entry, QuarantineError, new_id
 from .sanitize import address, printable
 
 log = logging.getLogger("milterd")
 
 INTERNAL_ERROR = Reply("451", "4.3.0", "Temporary local problem, try again later")
 LOOKUP_FAILED = Reply("451", "4.3.0", "Temporary lookup failure, try again later")
+QUARANTINE_FAILED = Reply("451", "4.3.0", "Temporary local problem (quarantine), try again later")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class Outcome:
     subject_tag: str = ""
     signatures: tuple[tuple[str, str], ...] = ()  # DKIM-Signature headers, added on top of those
     edits: tuple[header_edits.Edit, ...] = ()  # every header change, in order, signatures included
+    quarantine_id: str = ""  # the kept copy's id, when one was kept
 
     @property
     def reply(self) -> Reply | None:
@@ -73,8 +77,16 @@ class Disposition:
 class Engine:
     """Checks, policy and signing for every message; built once per configuration, never changed."""
 
-    def __init__(self, config: Config, checks, signer: Signer | None, lookups: PolicyLookups):
+    def __init__(
+        self,
+        config: Config,
+        checks,
+        signer: Signer | None,
+        lookups: PolicyLookups,
+        quarantine: DirectoryStore | None = None,
+    ):
         self.config = config
+        self.quarantine = quarantine
         self.rules = config.rules
         self.hostname = config.milter.hostname
         self.pipeline = Pipeline(checks, config.milter.max_concurrent)
@@ -128,14 +140,39 @@ class Engine:
         rcpts = tuple(r.address for r in group)
         found = summarize({n: f for n, f in findings.items() if not getattr(policy, self.bypass.get(n, ""), False)})
         verdict = decide(found, policy)
+        category = kept(policy, verdict) if self.quarantine is not None else ""
+        quarantine_id = ""
+        if category:
+            quarantine_id, verdict = self._keep(message, rcpts, verdict, category)
         headers, tag = render.rendered(found, policy, verdict, self.hostname)
         if verdict.action != "accept":
-            return Outcome(rcpts, policy, verdict, originating)
+            return Outcome(rcpts, policy, verdict, originating, quarantine_id=quarantine_id)
+        if quarantine_id:
+            headers += (("X-Quarantine-ID", f"<{quarantine_id}>"),)
         incoming = message.headers()
         edits = header_edits.header_edits(incoming, headers, tag, self.hostname)
         signatures = tuple(self._signatures(message, found, verdict, originating, incoming, edits))
         edits += header_edits.on_top(signatures)
-        return Outcome(rcpts, policy, verdict, originating, headers, tag, signatures, tuple(edits))
+        return Outcome(rcpts, policy, verdict, originating, headers, tag, signatures, tuple(edits), quarantine_id)
+
+    def _keep(self, message: Message, rcpts: tuple[str, ...], verdict: Verdict, category: str) -> tuple[str, Verdict]:
+        """Keep a copy before the reply; the reply of a refused message ends with its id. A copy that
+        cannot be written makes the reply 451: never a 5xx without its copy."""
+        env = message.envelope
+        entry = Entry(
+            new_id(), time.time(), category, verdict.reason or category, env.mail_from, rcpts, message.size,
+            env.client_ip, env.client_name, env.helo, env.queue_id,
+        )  # fmt: skip
+        try:
+            self.quarantine.keep(message, entry)
+        except QuarantineError as e:
+            log.error("%s: %s: 451", printable(env.queue_id, 40) or "NOQUEUE", e)
+            why = printable(f"quarantine: {e}", 300)
+            return "", replace(verdict, action="tempfail", reply=QUARANTINE_FAILED, reason=why)
+        if verdict.reply is not None:
+            reply = verdict.reply
+            verdict = replace(verdict, reply=replace(reply, text=f"{reply.text}, id={entry.id}"))
+        return entry.id, verdict
 
     def _signatures(self, message: Message, found: Summary, verdict: Verdict, originating: bool, incoming, edits):
         """DKIM-Signature headers for originating mail, over the message as it will leave: our
@@ -161,10 +198,10 @@ class Engine:
         return signatures
 
 
-def build_engine(config: Config) -> Engine:
+def build_engine(config: Config, offline: bool = False) -> Engine:
     """The running parts made from a validated config: checks, their resolver and walker, the signer
-    (its keys read), the policy lookups (the database pool). ConfigError when something the config
-    names cannot be used."""
+    (its keys read), the policy lookups (the database pool), the quarantine. `offline` (scan) keeps
+    no copies. ConfigError when something the config names cannot be used."""
     path = config.path or Path("milterd.toml")
     signer = build_signer(config.signing, path)
     sql = None
@@ -173,7 +210,8 @@ def build_engine(config: Config) -> Engine:
 
         sql = SqlLookups(config.sql, read_dsn(config.sql, path))
     lookups = PolicyLookups(config.rules, config.milter.mynetworks, sql)
-    return Engine(config, build_checks(config, Runtime(config)), signer, lookups)
+    quarantine = None if offline else DirectoryStore(path.parent / config.quarantine.directory)
+    return Engine(config, build_checks(config, Runtime(config)), signer, lookups, quarantine)
 
 
 def transaction(envelope: Envelope) -> Transaction:
@@ -211,9 +249,11 @@ def log_line(disposition: Disposition) -> str:
         f"action={verdict.action}, reply={f'{reply.code} {reply.xcode}' if reply else '250'},",
         f"checks=[{checks}]",
     ]
-    bank = disposition.outcome.policy.bank
+    bank, quarantine_id = disposition.outcome.policy.bank, disposition.outcome.quarantine_id
     if bank:
         parts[-1:-1] = [f"bank={printable(bank, 100)},"]
+    if quarantine_id:
+        parts[-1:-1] = [f"quarantine={quarantine_id},"]
     # the results, temperror included: the check's own status stays "ok" whatever DNS did
     auth = [f"{a.method}={a.result}/{a.domain or '-'}" for a in found.authentication if a.listed]
     if auth:

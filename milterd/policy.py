@@ -78,7 +78,9 @@ class Policy:
     # Refuse mail whose From domain's DMARC policy says reject and that failed it (amavis has no
     # DMARC; off by default, so mailing lists that break signatures keep flowing until you decide).
     dmarc_reject: bool = False
-    quarantine_cutoff_level: float = 999.0  # spam at or above is not kept in quarantine; 999 = always kept (undef)
+    # the categories whose mail is kept in quarantine (amavis' *_quarantine_to; Debian: virus, banned)
+    quarantine: tuple[str, ...] = ("virus", "banned")
+    quarantine_cutoff_level: float = 999.0  # spam at or above is not kept; 999 = always kept (amavis' undef)
     # amavis' *_lovers: the category is still found (alert, Subject tag), but its destiny is PASS
     virus_lover: bool = False
     banned_files_lover: bool = False
@@ -116,6 +118,7 @@ class Verdict:
     reply: Reply | None = None  # for reject and tempfail
     spam_score: float | None = None
     reason: str = ""  # why it blocked, for the log
+    blocked_by: Category | None = None  # the category whose destiny blocked it
 
     @property
     def blocked(self) -> bool:
@@ -125,7 +128,21 @@ class Verdict:
 def is_own_header(name: str) -> bool:
     """Headers milterd writes; copies arriving from outside are removed so nobody can forge them."""
     name = name.lower()
-    return name.startswith("x-spam-") or name == "x-amavis-alert"
+    return name.startswith("x-spam-") or name in ("x-amavis-alert", "x-quarantine-id")
+
+
+def kept(policy: Policy, verdict: Verdict) -> str:
+    """The quarantine category of this verdict ("" when the policy keeps no copy): the blocking
+    category, or the main one of delivered mail (amavis keeps passed spam too); spam at or above
+    quarantine_cutoff_level is not kept; nothing is kept of a tempfail (the sender retries)."""
+    if verdict.action == "tempfail":
+        return ""
+    category = (verdict.blocked_by or verdict.category).name.lower()
+    if category not in policy.quarantine:
+        return ""
+    if category == "spam" and verdict.spam_score is not None and verdict.spam_score >= policy.quarantine_cutoff_level:
+        return ""
+    return category
 
 
 def format_score(value: float) -> str:
@@ -181,16 +198,16 @@ def decide(findings: Mapping[str, Finding] | Summary, policy: Policy) -> Verdict
         if destiny is Destiny.PASS:
             if category is Category.SPAM and _dmarc_reject(found, policy):
                 reply = Reply("550", "5.7.1", printable(f"Rejected: {found.policy_reject}"))
-                return Verdict(ordered[0], ordered, "reject", reply, score, reason=found.policy_reject)
+                return Verdict(ordered[0], ordered, "reject", reply, score, found.policy_reject, category)
             continue
         why = _reason(category, found, score, policy, unchecked_why)
         if destiny is Destiny.DISCARD or (
             destiny is Destiny.BOUNCE and score is not None and score >= policy.dsn_cutoff_level
         ):
-            return Verdict(ordered[0], ordered, "discard", None, score, reason=why)
+            return Verdict(ordered[0], ordered, "discard", None, score, reason=why, blocked_by=category)
         xcode = "5.6.0" if category is Category.BAD_HEADER else "5.7.0"
         reply = Reply("554", xcode, printable(f"Rejected: {why}"))
-        return Verdict(ordered[0], ordered, "reject", reply, score, reason=why)
+        return Verdict(ordered[0], ordered, "reject", reply, score, reason=why, blocked_by=category)
     return Verdict(ordered[0], ordered, "accept", None, score)
 
 

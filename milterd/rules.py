@@ -28,6 +28,7 @@ from .lookups import (
     parse_senders,
 )
 from .policy import Policy
+from .quarantine import CATEGORIES
 from .scores import Scores, default_scores, parse_scores
 from .tomlschema import ConfigError, build, read_toml
 
@@ -106,9 +107,10 @@ def load_rules(directory: Path | None) -> Rules:
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise ConfigError(f"{path}: bank must be an array of tables ([[bank]])")
     policy = replace(build(Policy, data, path), source="policy.toml" if data else BUILTIN)
+    _check_quarantine(policy, path, "quarantine")
 
     def check(overrides: dict, where: str) -> None:
-        build(Policy, _merged(data, overrides), path, f"{where}.")
+        _check_quarantine(build(Policy, _merged(data, overrides), path, f"{where}."), path, f"{where}.quarantine")
 
     banks = [parse_bank(t, path, f"bank[{i}]", lambda o, i=i: check(o, f"bank[{i}]")) for i, t in enumerate(tables)]
     names = [bank.name for bank in banks]
@@ -131,6 +133,12 @@ def load_rules(directory: Path | None) -> Rules:
 
 
 _NAMES = ("local_domains", "recipient_delimiter", "localpart_is_case_sensitive")
+
+
+def _check_quarantine(policy: Policy, path: Path, key: str) -> None:
+    unknown = [c for c in policy.quarantine if c not in CATEGORIES]
+    if unknown:
+        raise ConfigError(f"{path}: {key}: {unknown[0]!r} is not one of {', '.join(CATEGORIES)}")
 
 
 def _builtin_originating() -> Bank:

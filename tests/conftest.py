@@ -74,7 +74,8 @@ def write_config(
     path = directory / "milterd.toml"
     off = "[dkim]\nenabled = false\n[spf]\nenabled = false\n[dmarc]\nenabled = false\n"
     auth = f'[dns]\nnameservers = ["{dns}"]\n' if dns else off
-    path.write_text(f'[milter]\n[clamav]\nsocket = "{clamav}"\n[spamd]\naddress = "{spamd}"\n{auth}')
+    quarantine = f'[quarantine]\ndirectory = "{directory / "quarantine"}"\n'
+    path.write_text(f'[milter]\n[clamav]\nsocket = "{clamav}"\n[spamd]\naddress = "{spamd}"\n{auth}{quarantine}')
     return path
 
 

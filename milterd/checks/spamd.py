@@ -1,26 +1,29 @@
 """SpamAssassin through spamd (the spamc protocol, REPORT): score, required score and rule scores.
 
 Skipped for messages over `max_size` (as spamc and amavis do) and for messages the virus scan
-already condemned, since SpamAssassin is the costliest step by far.
+already condemned, since SpamAssassin is the costliest step by far. `tell` teaches spamd's Bayes
+a message as spam or ham (the protocol's TELL, as `spamc -L spam|ham`; spamd needs --allow-tell).
 """
 
 from __future__ import annotations
 
 import re
 import socket
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..findings import Finding
 from ..message import CHUNK, Message
 from ..sanitize import printable
-from ..tomlschema import POSITIVE
+from ..tomlschema import POSITIVE, ConfigError
 from . import Check, register
 
 MAX_REPLY = 4 << 20
 _STATUS = re.compile(rb"^SPAMD/\d+\.\d+ (\d+) (.*)$")
 _SPAM = re.compile(rb"^Spam: *(True|False|Yes|No) *; *(-?\d+(?:\.\d+)?) */ *(-?\d+(?:\.\d+)?) *$", re.I | re.M)
 _RULE = re.compile(r"^ {0,3}(-?\d+(?:\.\d+)?) +([A-Z0-9_]+)\b")
+_EX_UNAVAILABLE = b"69"  # spamd's answer to TELL without --allow-tell
 
 
 class SpamdError(Exception):
@@ -73,6 +76,17 @@ class SpamdSettings:
     address: tuple[str, ...] = field(default=("127.0.0.1:783",), metadata=POSITIVE)
     timeout: float = field(default=60.0, metadata=POSITIVE)
     max_size: int = 512000  # larger messages skip SpamAssassin, as spamc does
+    # spamd's User: header (spamc -u): whose preferences and Bayes database; "" sends none (spamd's own user)
+    user: str = ""
+
+
+def _user_header(user: str) -> bytes:
+    """The `User:` line, or nothing for ""; spamd refuses control characters, and CR/LF would inject headers."""
+    if not user:
+        return b""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in user) or len(user.encode()) > 255:
+        raise ValueError(f"[spamd] user {user!r}: control characters or over 255 bytes")
+    return b"User: %s\r\n" % user.encode()
 
 
 @register(
@@ -82,13 +96,17 @@ class SpamdSettings:
     order=20,
     critical=True,
     after=("clamav",),
-    build=lambda s, _: SpamdCheck(s.address, s.timeout, s.max_size),
+    build=lambda s, _: SpamdCheck(s.address, s.timeout, s.max_size, s.user),
 )
 class SpamdCheck(Check):
-    def __init__(self, addresses: Sequence[str], timeout: float, max_size: int):
+    def __init__(self, addresses: Sequence[str], timeout: float, max_size: int, user: str = ""):
         self.addresses = tuple(addresses)
         self.timeout = timeout
         self.max_size = max_size
+        try:
+            self._user = _user_header(user)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def skip_reason(self, message: Message, earlier: Mapping[str, Finding]) -> str | None:
         if message.size > self.max_size:
@@ -109,7 +127,7 @@ class SpamdCheck(Check):
                 failures.append(f"{address}: {e.strerror or e}")
                 continue
             try:
-                score, required, tests = parse_reply(self._exchange(sock, message))
+                score, required, tests = parse_reply(self._exchange(sock, message, self._user))
             except TimeoutError:
                 return self.finding("timeout", detail=f"{address}: no answer in {self.timeout:g}s")
             except (OSError, SpamdError) as e:
@@ -120,8 +138,8 @@ class SpamdCheck(Check):
         return self.finding("unavailable", detail=printable("; ".join(failures), 500))
 
     @staticmethod
-    def _exchange(sock: socket.socket, message: Message) -> bytes:
-        sock.sendall(b"REPORT SPAMC/1.5\r\nContent-length: %d\r\n\r\n" % message.size)
+    def _exchange(sock: socket.socket, message: Message, user: bytes = b"") -> bytes:
+        sock.sendall(b"REPORT SPAMC/1.5\r\n%sContent-length: %d\r\n\r\n" % (user, message.size))
         with message.open() as stream:
             while chunk := stream.read(CHUNK):
                 sock.sendall(chunk)
@@ -130,3 +148,101 @@ class SpamdCheck(Check):
         while len(reply) < MAX_REPLY and (data := sock.recv(CHUNK)):
             reply += data
         return bytes(reply)
+
+
+def tell(raw: bytes, addresses: Sequence[str], timeout: float, user: str = "", *, spam: bool) -> list[str]:
+    """Teach spamd's Bayes the message as spam or ham, as `spamc -L spam|ham [-u user]` does.
+
+    The addresses are a failover pool, tried in order until one takes the message (one that
+    refuses it, say without --allow-tell, is a failure and the next is tried); the result is the
+    failures, one line per address tried, and empty once one spamd took the message. All of it
+    within `timeout` seconds: a connect gets its share of what is left, the exchange all of it.
+    spamd answers EX_OK without `DidSet: local` when its Bayes learned nothing (the message was
+    learned so already, or Bayes is off in its configuration); spamc counts that a success, so do we.
+    """
+    try:
+        user_line = _user_header(user)
+    except ValueError as e:
+        return [printable(str(e))]
+    request = b"TELL SPAMC/1.5\r\nMessage-class: %s\r\nSet: local\r\n%sContent-length: %d\r\n\r\n" % (
+        b"spam" if spam else b"ham",
+        user_line,
+        len(raw),
+    )
+    deadline = time.monotonic() + timeout
+    failures: list[str] = []
+    addresses = tuple(addresses)
+    for i, address in enumerate(addresses):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            failures.append(f"{address}: not tried: no time left of {timeout:g}s")
+            continue
+        try:
+            sock = _connect(address, left / (len(addresses) - i))
+        except TimeoutError:
+            failures.append(f"{address}: unavailable: connect timed out")
+            continue
+        except (OSError, ValueError) as e:
+            failures.append(printable(f"{address}: unavailable: {getattr(e, 'strerror', None) or e}"))
+            continue
+        try:
+            failure = _tell_reply(_tell_exchange(sock, request, raw, deadline))
+        except TimeoutError:
+            failure = f"no answer in {timeout:g}s"
+        except OSError as e:
+            failure = e.strerror or str(e)
+        finally:
+            sock.close()
+        if failure is None:
+            return []
+        failures.append(printable(f"{address}: {failure}", 500))
+    return failures
+
+
+def _tell_exchange(sock: socket.socket, request: bytes, raw: bytes, deadline: float) -> bytes:
+    """Send the request and the message, read the reply (spamd may answer early, with an error, and close)."""
+
+    def bounded() -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
+
+    out = memoryview(request + raw)
+    try:
+        for start in range(0, len(out), CHUNK):
+            bounded()
+            sock.sendall(out[start : start + CHUNK])
+        bounded()
+        sock.shutdown(socket.SHUT_WR)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # spamd refused before reading the message: its reply, if any, says why
+    reply = bytearray()
+    try:
+        while len(reply) < MAX_REPLY:
+            bounded()
+            data = sock.recv(CHUNK)
+            if not data:
+                break
+            reply += data
+    except ConnectionResetError:
+        if not reply:
+            raise
+    return bytes(reply)
+
+
+def _tell_reply(reply: bytes) -> str | None:
+    """None when spamd took the message, or what went wrong."""
+    if not reply:
+        return "spamd closed the connection without an answer"
+    head = reply.partition(b"\r\n\r\n")[0]
+    line = head.split(b"\r\n", 1)[0]
+    status = _STATUS.match(line)
+    if not status:
+        return "not a spamd reply: " + printable(line[:80].decode("latin-1"))
+    text = printable(status.group(2).decode("latin-1"))
+    if status.group(1) == _EX_UNAVAILABLE and b"TELL" in status.group(2):
+        return f"spamd refused TELL: it needs --allow-tell ({text})"
+    if status.group(1) != b"0":
+        return f"spamd: {status.group(1).decode()} {text}"
+    return None
