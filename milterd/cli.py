@@ -110,9 +110,19 @@ def _quarantine(config, args) -> int:
     import json
     import time
 
-    from .quarantine import DirectoryStore, QuarantineError, parse_age, release
+    from .quarantine import QuarantineError, open_store, parse_age, release
 
-    store = DirectoryStore((config.path or Path("milterd.toml")).parent / config.quarantine.directory)
+    path = config.path or Path("milterd.toml")
+    database = None
+    if config.sql.enabled:
+        from .sql import Database, read_dsn
+
+        try:
+            database = Database(config.sql, read_dsn(config.sql, path))
+        except ConfigError as e:
+            print(f"milterd: {e}", file=sys.stderr)
+            return EXIT_USAGE
+    store = open_store(config.quarantine, path, database)
     try:
         if args.command == "release":
             entry = release(store, config.quarantine, args.id, args.to)
@@ -143,6 +153,9 @@ def _quarantine(config, args) -> int:
     except OSError as e:
         print(f"milterd: {config.quarantine.directory}: {e.strerror or e}", file=sys.stderr)
         return EXIT_BLOCKED
+    finally:
+        if database is not None:
+            database.close()
 
 
 def _listed(entry) -> dict:

@@ -124,6 +124,8 @@ def load_config(path: Path | None = None) -> Config:
             raise ConfigError(f"{path}: milter.mynetworks[{i}]: {network!r} is not a network (CIDR)") from None
     check_signing(sections["signing"], path)
     check_sql(sections["sql"], path)
+    if sections["quarantine"].store == "sql" and not sections["sql"].enabled:
+        raise ConfigError(f'{path}: quarantine.store = "sql" needs [sql] dsn or dsn_file')
     via = sections["quarantine"].release_via
     if not re.fullmatch(r"\[?[^\s\[\]]+\]?:\d{1,5}", via):
         raise ConfigError(f"{path}: quarantine.release_via must be HOST:PORT, not {via!r}")

@@ -24,7 +24,7 @@ from .lookups import LookupFailed, PolicyLookups, Recipient, Transaction
 from .message import Envelope, Message, header_section, split_header_section
 from .pipeline import Pipeline
 from .policy import Category, Policy, Reply, Verdict, decide, format_score, kept
-from .quarantine import DirectoryStore, Entry, QuarantineError, new_id
+from .quarantine import DirectoryStore, Entry, QuarantineError, SqlStore, new_id, open_store
 from .sanitize import address, printable
 
 log = logging.getLogger("milterd")
@@ -83,7 +83,7 @@ class Engine:
         checks,
         signer: Signer | None,
         lookups: PolicyLookups,
-        quarantine: DirectoryStore | None = None,
+        quarantine: DirectoryStore | SqlStore | None = None,
     ):
         self.config = config
         self.quarantine = quarantine
@@ -210,7 +210,7 @@ def build_engine(config: Config, offline: bool = False) -> Engine:
 
         sql = SqlLookups(config.sql, read_dsn(config.sql, path))
     lookups = PolicyLookups(config.rules, config.milter.mynetworks, sql)
-    quarantine = None if offline else DirectoryStore(path.parent / config.quarantine.directory)
+    quarantine = None if offline else open_store(config.quarantine, path, sql)
     return Engine(config, build_checks(config, Runtime(config)), signer, lookups, quarantine)
 
 

@@ -9,6 +9,7 @@ white/blacklists come from SQL, then rules/senders.toml.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -80,6 +81,7 @@ def lookup_keys(address: str, delimiter: str = "", case_sensitive: bool = False,
 
     The domain is lower-cased, the local part too unless `case_sensitive`; `delimiter` (amavis'
     $recipient_delimiter, e.g. "+") splits off the extension. The null address has "" and "@.".
+    A quoted local part is looked up unquoted, as amavis does ("x y"@example.com is x y@example.com).
     """
     address = address.strip().strip("<>")
     if not address:
@@ -87,6 +89,7 @@ def lookup_keys(address: str, delimiter: str = "", case_sensitive: bool = False,
     local_part, at, domain = address.rpartition("@")
     if not at:
         local_part, domain = address, ""
+    local_part = _QUOTING.sub(lambda m: m.group(1) or "", local_part)
     domain = domain.lower().rstrip(".")
     if not case_sensitive:
         local_part = local_part.lower()
@@ -108,6 +111,10 @@ def lookup_keys(address: str, delimiter: str = "", case_sensitive: bool = False,
         keys += [f"@.{'.'.join(labels[i:])}" for i in range(1, len(labels))]
     keys.append("@.")
     return list(dict.fromkeys(keys))
+
+
+# amavis' unquote_rfc2821_local: drop the quotes, undo the quoted pairs
+_QUOTING = re.compile(r'"|\\(.)|\\\Z', re.DOTALL)
 
 
 def is_local_domain(address: str, local_domains: Iterable[str]) -> bool:

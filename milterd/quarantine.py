@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import gzip
+import io
 import json
 import logging
 import os
@@ -42,7 +43,9 @@ class QuarantineSettings:
     """[quarantine]: where kept mail goes and how it is released (amavis' $QUARANTINEDIR, amavisd-release)."""
 
     directory: str = "/var/lib/milterd/quarantine"  # made 0700 when missing; entries 0600
-    store: Literal["directory"] = "directory"
+    # "sql": in the [sql] database (table milterd_quarantine), so that several milterd hosts share one
+    # quarantine and a release works from any of them
+    store: Literal["directory", "sql"] = "directory"
     # SMTP HOST:PORT where released mail is re-injected: a Postfix service without milters (README)
     release_via: str = "127.0.0.1:10025"
     keep_days: int = field(default=30, metadata=POSITIVE)  # older entries are purged (daily, and by `purge`)
@@ -162,13 +165,95 @@ class DirectoryStore:
         tmp = path.with_suffix(".json.tmp")
         _unlink(tmp)
         with _exclusive(tmp) as out:
-            out.write(json.dumps(entry.to_json(), ensure_ascii=True).encode() + b"\n")
+            out.write(_entry_json(entry).encode() + b"\n")
         os.rename(tmp, path)
 
     def _path(self, entry_id: str, suffix: str) -> Path:
         if not ID.fullmatch(entry_id):
             raise QuarantineError(f"{entry_id!r} is not a quarantine id (12 characters of A-Z a-z 0-9 _ -)")
         return self.directory / f"{entry_id}{suffix}"
+
+
+class SqlStore:
+    """Entries in the [sql] database, one row each (amavis' msgs and quarantine tables are the model):
+    several milterd hosts share one quarantine, and a release works from any of them. Errors are
+    QuarantineError (the message then gets 451), without the password."""
+
+    def __init__(self, database):
+        from sqlalchemy import Column, Float, LargeBinary, MetaData, String, Table, Text
+        from sqlalchemy.dialects import mysql
+
+        self.database = database
+        self.table = Table(
+            "milterd_quarantine",
+            MetaData(),
+            Column("id", String(12), primary_key=True),
+            Column("time", Float, nullable=False, index=True),
+            Column("category", String(16), nullable=False),
+            Column("entry", Text, nullable=False),  # the Entry as JSON
+            Column("message", LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb"), nullable=False),
+        )
+        self._created = False
+        self.directory = database.where  # what the purge log names
+
+    def keep(self, message: Message, entry: Entry) -> None:
+        with message.open() as stream:
+            data = gzip.compress(stream.read(), compresslevel=6)
+        row = {"id": entry.id, "time": entry.time, "category": entry.category, "entry": _entry_json(entry)}
+        with self._failures("keep"), self.database.engine.begin() as db:
+            db.execute(self.table.insert().values(**row, message=data))
+
+    def entries(self) -> Iterator[Entry]:
+        with self._failures("list"), self.database.engine.connect() as db:
+            rows = db.execute(self.table.select().with_only_columns(self.table.c.entry).order_by(self.table.c.time))
+            return iter([Entry.from_json(json.loads(text)) for (text,) in rows])
+
+    def get(self, entry_id: str) -> Entry:
+        return Entry.from_json(json.loads(self._column(entry_id, "entry")))
+
+    def open(self, entry_id: str) -> BinaryIO:
+        return io.BytesIO(gzip.decompress(self._column(entry_id, "message")))
+
+    def released(self, entry: Entry, rcpts: Sequence[str], when: float) -> None:
+        done = replace(entry, released=when, released_to=tuple(rcpts))
+        with self._failures("release"), self.database.engine.begin() as db:
+            db.execute(self.table.update().where(self.table.c.id == entry.id).values(entry=_entry_json(done)))
+
+    def purge(self, older_than: float) -> int:
+        with self._failures("purge"), self.database.engine.begin() as db:
+            return db.execute(self.table.delete().where(self.table.c.time < older_than)).rowcount
+
+    def _column(self, entry_id: str, column: str):
+        if not ID.fullmatch(entry_id):
+            raise QuarantineError(f"{entry_id!r} is not a quarantine id (12 characters of A-Z a-z 0-9 _ -)")
+        with self._failures("read"), self.database.engine.connect() as db:
+            value = db.execute(
+                self.table.select().with_only_columns(self.table.c[column]).where(self.table.c.id == entry_id)
+            ).scalar()
+        if value is None:
+            raise QuarantineError(f"no quarantined message {entry_id}")
+        return value
+
+    def _failures(self, what: str):
+        """Database errors as QuarantineError; the table is made the first time it is needed."""
+        if not self._created:
+            with self.database.failures("quarantine: create table", QuarantineError):
+                self.table.create(self.database.engine, checkfirst=True)
+            self._created = True
+        return self.database.failures(f"quarantine: {what}", QuarantineError)
+
+
+def _entry_json(entry: Entry) -> str:
+    return json.dumps(entry.to_json(), ensure_ascii=True)
+
+
+def open_store(settings: QuarantineSettings, config_path: Path, database=None) -> DirectoryStore | SqlStore:
+    """The store [quarantine] names: its directory (relative to milterd.toml), or the [sql] database."""
+    if settings.store == "sql":
+        if database is None:
+            raise QuarantineError('quarantine.store = "sql" needs [sql] dsn')
+        return SqlStore(database)
+    return DirectoryStore(config_path.parent / settings.directory)
 
 
 class _exclusive:
@@ -199,7 +284,9 @@ def _unlink(path: Path) -> None:
         pass
 
 
-def release(store: DirectoryStore, settings: QuarantineSettings, entry_id: str, to: Sequence[str] = ()) -> Entry:
+def release(
+    store: DirectoryStore | SqlStore, settings: QuarantineSettings, entry_id: str, to: Sequence[str] = ()
+) -> Entry:
     """Send a kept message to its recipients (or `to`) through `release_via`, with X-Quarantine-ID;
     the entry marked released. QuarantineError when it was released already or the server refused it."""
     entry = store.get(entry_id)
@@ -228,7 +315,7 @@ def _refusals(refused: dict) -> str:
     return "; ".join(f"{rcpt}: {code} {text.decode('utf-8', 'replace')}" for rcpt, (code, text) in refused.items())
 
 
-def purge_daily(store: DirectoryStore, keep_days: int, interval: float = 86400.0) -> threading.Thread:
+def purge_daily(store: DirectoryStore | SqlStore, keep_days: int, interval: float = 86400.0) -> threading.Thread:
     """A daemon thread that purges entries older than keep_days now and then once a day."""
 
     def purge() -> None:
@@ -237,8 +324,8 @@ def purge_daily(store: DirectoryStore, keep_days: int, interval: float = 86400.0
                 removed = store.purge(time.time() - keep_days * 86400)
                 if removed:
                     log.info("quarantine: %d entries older than %d days removed", removed, keep_days)
-            except OSError as e:
-                log.warning("quarantine: purge of %s failed: %s", store.directory, e.strerror or e)
+            except (OSError, QuarantineError) as e:
+                log.warning("quarantine: purge of %s failed: %s", store.directory, getattr(e, "strerror", None) or e)
             time.sleep(interval)
 
     thread = threading.Thread(target=purge, name="quarantine-purge", daemon=True)

@@ -98,8 +98,8 @@ def bind(query: str, keys: int, placeholder: str = "rid") -> tuple[str, list[str
     return _TOKENS.sub(replace, query), names
 
 
-class SqlLookups:
-    """The two lookups over one pool. Thread-safe: one instance serves every session."""
+class Database:
+    """One connection pool for a DSN, whose errors never show the password. Thread-safe."""
 
     def __init__(self, settings: SqlSettings, dsn: str):
         from sqlalchemy import create_engine
@@ -138,6 +138,23 @@ class SqlLookups:
             )
         except Exception as e:  # a missing driver, a bad option: the message may quote the URL
             raise ConfigError(f"sql.dsn: {self._redact(str(e))}") from None
+
+    def failures(self, what: str, error: type[Exception] = LookupFailed) -> _Failures:
+        """A context in which any database error becomes `error`, naming `what` and the server."""
+        return _Failures(self, what, error)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._secret, "***") if self._secret else text
+
+
+class SqlLookups(Database):
+    """The two lookups over one pool. Thread-safe: one instance serves every session."""
+
+    def __init__(self, settings: SqlSettings, dsn: str):
+        super().__init__(settings, dsn)
         self._cache: TtlCache[Any] = TtlCache(settings.cache_ttl, settings.cache_entries)
 
     def policy(self, keys: Sequence[str]) -> Mapping[str, Any] | None:
@@ -162,11 +179,8 @@ class SqlLookups:
         from sqlalchemy import text
 
         sql, names = bind(self.settings.select_policy, len(keys))
-        with self._failures("select_policy"), self.engine.connect() as connection:
+        with self.failures("select_policy"), self.engine.connect() as connection:
             return [c.lower() for c in connection.execute(text(sql), dict(zip(names, keys, strict=True))).keys()]
-
-    def close(self) -> None:
-        self.engine.dispose()
 
     def _first(self, cache_key: tuple, query: str, keys: Sequence[str], params: dict) -> Mapping[str, Any] | None:
         from sqlalchemy import text
@@ -175,24 +189,18 @@ class SqlLookups:
         if cached is not None:
             return None if cached is _NONE else cached
         sql, names = bind(query, len(keys))
-        with self._failures("select_white_black_list" if params else "select_policy"), self.engine.connect() as c:
+        with self.failures("select_white_black_list" if params else "select_policy"), self.engine.connect() as c:
             row = c.execute(text(sql), {**dict(zip(names, keys, strict=True)), **params}).first()
         found = None if row is None else {k.lower(): v for k, v in row._mapping.items()}
         self._cache.put(cache_key, _NONE if found is None else found)
         return found
 
-    def _failures(self, what: str):
-        return _Failures(self, what)
-
-    def _redact(self, text: str) -> str:
-        return text.replace(self._secret, "***") if self._secret else text
-
 
 class _Failures:
-    """Any database error as LookupFailed, naming the query and the server, never the password."""
+    """Any database error as LookupFailed (or `error`), naming what failed and the server, never the password."""
 
-    def __init__(self, lookups: SqlLookups, what: str):
-        self.lookups, self.what = lookups, what
+    def __init__(self, database: Database, what: str, error: type[Exception]):
+        self.database, self.what, self.error = database, what, error
 
     def __enter__(self):
         return self
@@ -203,5 +211,5 @@ class _Failures:
         if error is None or not isinstance(error, SQLAlchemyError | OSError):
             return False
         cause = getattr(error, "orig", None) or error
-        detail = self.lookups._redact(f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
-        raise LookupFailed(printable(f"{self.what} on {self.lookups.where}: {detail}", 400)) from None
+        detail = self.database._redact(f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
+        raise self.error(printable(f"{self.what} on {self.database.where}: {detail}", 400)) from None

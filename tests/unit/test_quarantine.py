@@ -176,3 +176,36 @@ def test_the_command_line_lists_shows_and_purges(tmp_path):
     assert "0 entries" in run("quarantine", "purge").stdout
     released = run("release", qid)  # release_via 127.0.0.1:1: nothing listens
     assert released.returncode == 1 and "127.0.0.1:1" in released.stderr
+
+
+def test_the_sql_store_keeps_lists_shows_and_purges_in_the_database(tmp_path):
+    """store = "sql" (sqlite here; tests/e2e shares one MariaDB quarantine between two milterds)."""
+    db = tmp_path / "mail.db"
+    sql = (
+        f'[sql]\ndsn = "sqlite:///{db}"\nselect_policy = "SELECT 1 AS x WHERE 0 AND ? IN (%k)"\n'
+        '[quarantine]\nstore = "sql"\nrelease_via = "127.0.0.1:1"\n'
+    ).replace("? IN", "'a' IN")
+    path = config(tmp_path, '[destiny]\nbanned = "REJECT"\n', sql)
+    _, disposition = evaluate(path)
+    qid = disposition.outcome.quarantine_id
+    assert ID.fullmatch(qid) and not (tmp_path / "q").exists()
+    listed = subprocess.run(
+        [MILTERD, "quarantine", "list", "--json", "--config", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert json.loads(listed.stdout)["id"] == qid, listed.stderr
+    shown = subprocess.run(
+        [MILTERD, "quarantine", "show", qid, "--config", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert "Subject: x" in shown.stdout
+    engine = build_engine(load_config(path))
+    try:
+        with engine.quarantine.open(qid) as stream:
+            assert stream.read() == EXE
+        assert engine.quarantine.purge(time.time() + 1) == 1 and list(engine.quarantine.entries()) == []
+    finally:
+        engine.close()
+
+
+def test_sql_store_needs_a_database(tmp_path):
+    with pytest.raises(Exception, match=r'quarantine.store = "sql" needs \[sql\] dsn'):
+        load_config(config(tmp_path, "", '[quarantine]\nstore = "sql"\n'))
