@@ -515,9 +515,24 @@ endif
 """
 
 
+# With allow_tell: Bayes on (and only TELL teaches it) in a database of the test's own.
+SA_BAYES_CF = """\
+use_bayes 1
+bayes_auto_learn 0
+bayes_learn_during_report 1
+bayes_path {path}
+bayes_file_mode 0700
+"""
+SA_LEARN = "/usr/bin/sa-learn"
+
+
 @dataclass(frozen=True)
 class Spamd(_Managed):
-    """A private spamd on 127.0.0.1:port with network tests, Bayes and AWL off."""
+    """A private spamd on 127.0.0.1:port with network tests, Bayes and AWL off.
+
+    Started with allow_tell, it takes TELL (--allow-tell) and has Bayes on, in its own database
+    (``bayes_path``, a prefix as SpamAssassin's bayes_path: files ``bayes_path``_toks etc.).
+    """
 
     port: int
     pid: int
@@ -525,6 +540,36 @@ class Spamd(_Managed):
     siteconfig: Path
     proc: subprocess.Popen = field(repr=False, compare=False)
     out: Path = field(repr=False)
+    bayes_path: Path | None = None
+
+    def bayes_counts(self) -> tuple[int, int]:
+        """(nspam, nham) of its Bayes database, from `sa-learn --dump magic` with its site config."""
+        assert self.bayes_path is not None, "spamd was started without allow_tell: no Bayes"
+        # As the database's owner (spamd's user), so sa-learn never leaves files spamd cannot write,
+        # with a HOME of its own, so it never touches a real ~/.spamassassin.
+        owner = self.bayes_path.parent.stat().st_uid
+        home = self.bayes_path.parent.parent / "sa-learn-home"
+        home.mkdir(exist_ok=True)
+        os.chown(home, owner, -1)
+        other = owner != os.geteuid()
+        out = subprocess.run(
+            [SA_LEARN, f"--siteconfigpath={self.siteconfig}", f"--prefspath={home / 'user_prefs'}", "--dump", "magic"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=home,
+            env={**os.environ, "HOME": str(home)},
+            user=owner if other else None,
+            group=pwd.getpwuid(owner).pw_gid if other else None,
+            extra_groups=[] if other else None,
+        )
+        if out.returncode != 0 and "ERROR: Bayes dump returned an error" not in out.stderr:
+            raise RuntimeError(f"sa-learn --dump magic: {out.returncode}: {out.stderr}")
+        counts = {}
+        for line in out.stdout.splitlines():  # "0.000          0          3          0  non-token data: nspam"
+            if "non-token data: " in line:
+                counts[line.rsplit(": ", 1)[1].strip()] = int(line.split()[2])
+        return counts.get("nspam", 0), counts.get("nham", 0)
 
 
 def _spamd_ping(port: int) -> bool:
@@ -539,12 +584,16 @@ def _spamd_ping(port: int) -> bool:
     return b" PONG" in reply
 
 
-def start_spamd(workdir: Path, timeout: float = 60, children: int = 2, user: str = "debian-spamd") -> Spamd:
+def start_spamd(
+    workdir: Path, timeout: float = 60, children: int = 2, user: str = "debian-spamd", allow_tell: bool = False
+) -> Spamd:
     """Start spamd with a private site config (workdir/sa); returns once it answers PING.
 
     The site config holds copies of the system's *.pre files (they load the plugins
     every rule depends on) and Debian's 65_debian.cf, plus our local.cf; the rules
     themselves come from the system rules directory as in production.
+
+    allow_tell: spamd takes TELL (--allow-tell), with Bayes on in workdir/bayes (see SA_BAYES_CF).
     """
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -555,7 +604,17 @@ def start_spamd(workdir: Path, timeout: float = 60, children: int = 2, user: str
     for f in SA_SYSTEM_SITECONFIG.iterdir():
         if f.is_file() and f.name != "local.cf" and f.suffix in (".pre", ".cf"):
             shutil.copy(f, sa / f.name)
-    (sa / "local.cf").write_text(SA_LOCAL_CF)
+    bayes_path = None
+    local_cf = SA_LOCAL_CF
+    if allow_tell:
+        bayes = workdir / "bayes"
+        bayes.mkdir(exist_ok=True)
+        os.chmod(bayes, 0o700)
+        if os.geteuid() == 0:
+            _chown(bayes, user)
+        bayes_path = bayes / "bayes"
+        local_cf += SA_BAYES_CF.format(path=bayes_path)
+    (sa / "local.cf").write_text(local_cf)
     for f in sa.iterdir():
         os.chmod(f, 0o644)
     # spamd drops to `user` and then writes its log and removes its pidfile there.
@@ -590,8 +649,10 @@ def start_spamd(workdir: Path, timeout: float = 60, children: int = 2, user: str
     ]
     if os.geteuid() == 0:
         argv[1:1] = ["-u", user]
+    if allow_tell:
+        argv.append("--allow-tell")
     proc, pid, out = _spawn(argv, workdir, "spamd")
-    d = Spamd(port=port, pid=pid, log=log, siteconfig=sa, proc=proc, out=out)._register()
+    d = Spamd(port=port, pid=pid, log=log, siteconfig=sa, proc=proc, out=out, bayes_path=bayes_path)._register()
     try:
         _wait(lambda: _spamd_ping(port), f"spamd PING on 127.0.0.1:{port}", timeout, proc, [log, out])
     except BaseException:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -75,7 +76,7 @@ def write_config(directory: Path, policy: str) -> Path:
     (rules / "policy.toml").write_text('local_domains = ["example.com"]\n' + policy)
     off = "".join(f"[{name}]\nenabled = false\n" for name in ("clamav", "spamd", "dkim", "spf", "dmarc"))
     path = directory / "milterd.toml"
-    path.write_text(f'[milter]\nhostname = "{HOSTNAME}"\n{off}')
+    path.write_text(f'[milter]\nhostname = "{HOSTNAME}"\n{off}[quarantine]\ndirectory = "{directory / "quarantine"}"\n')
     return path
 
 
@@ -448,7 +449,9 @@ def test_log_line_of_a_reject_follows_the_reply_and_carries_it(ctx, call_log):
     assert reply[:3] == ("setreply", "554", "5.7.0") and kind == "log"
     assert line.startswith(f"{QUEUE_ID}: client=mail.remote.test[192.0.2.1], from=<someone@remote.test>,")
     assert "to=<alice@example.com>," in line
-    assert "category=BANNED, score=-, action=reject, reply=554 5.7.0, checks=[" in line
+    assert re.search(
+        r"category=BANNED, score=-, action=reject, reply=554 5\.7\.0, quarantine=[\w-]{12}, checks=\[", line
+    )
     assert "reason=message contains banned file" in line
 
 
