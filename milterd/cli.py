@@ -45,11 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     scan.add_argument("-v", "--verbose", action="store_true", help="log one line per message to stderr")
     scan.add_argument("paths", nargs="+", type=Path, metavar="PATH")
 
-    rep = sub.add_parser("report", help="report messages as spam or ham to the collaborative checks' servers")
+    rep = sub.add_parser(
+        "report", help="report messages as spam or ham: Pyzor, Razor, and SpamAssassin through spamd TELL"
+    )
     rep.add_argument("--config", type=Path, help="config file (default /etc/milterd/milterd.toml)")
     kind = rep.add_mutually_exclusive_group(required=True)
-    kind.add_argument("--spam", action="store_true", help="the messages are spam (pyzor report)")
-    kind.add_argument("--ham", action="store_true", help="the messages are not spam (pyzor whitelist)")
+    kind.add_argument(
+        "--spam", action="store_true", help="the messages are spam (pyzor report, razor-report, spamd TELL)"
+    )
+    kind.add_argument(
+        "--ham", action="store_true", help="the messages are not spam (pyzor whitelist, razor-revoke, spamd TELL)"
+    )
     rep.add_argument("paths", nargs="+", type=Path, metavar="PATH", help=".eml files, mboxes or Maildirs")
 
     check = sub.add_parser("check-config", help="validate the config file and the rules")
@@ -184,9 +190,16 @@ def _header_section(stream) -> bytes:
 
 
 def _learn_ham(config, store, entry_id: str) -> int:
-    """Teach SpamAssassin a released message is ham (spamd TELL)."""
-    print("milterd: --learn-ham: not available yet", file=sys.stderr)
-    return EXIT_BLOCKED
+    """Teach SpamAssassin a released message is ham (spamd TELL, as `milterd report --ham`)."""
+    from .checks import spamd
+
+    with store.open(entry_id) as stream:
+        raw = stream.read()
+    failures = spamd.tell(raw, config.spamd.address, config.spamd.timeout, config.spamd.user, spam=False)
+    for failure in failures:
+        print(f"milterd: {entry_id}: spamd: {failure}", file=sys.stderr)
+    print(f"{entry_id}: spamd: {'not ' if failures else ''}learned as ham")
+    return EXIT_BLOCKED if failures else EXIT_OK
 
 
 def _check_config(config, show: bool) -> int:
