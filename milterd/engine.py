@@ -113,8 +113,9 @@ class Engine:
         policies = [r.policy for r in recipients] or [self.rules.policy]
         skip = {name: "bypass" for name, flag in self.bypass.items() if all(getattr(p, flag) for p in policies)}
         findings = self.pipeline.run(message, skip)
-        groups = [self._outcome(message, findings, group) for group in _grouped(recipients, self.rules)]
-        return Disposition(message, findings, summarize(findings), tuple(groups))
+        found = summarize(findings)
+        groups = [self._outcome(message, findings, found, group) for group in _grouped(recipients, self.rules)]
+        return Disposition(message, findings, found, tuple(groups))
 
     def failed(self, message: Message, error: Exception) -> Disposition:
         """The Disposition of a message whose evaluation failed: 451 4.3.0, the sender retries."""
@@ -134,11 +135,15 @@ class Engine:
         outcome = Outcome(message.envelope.rcpts, self.rules.policy, verdict)
         return Disposition(message, {}, summarize({}), (outcome,), error=why)
 
-    def _outcome(self, message: Message, findings: Mapping[str, Finding], group: tuple[Recipient, ...]) -> Outcome:
+    def _outcome(
+        self, message: Message, findings: Mapping[str, Finding], found: Summary, group: tuple[Recipient, ...]
+    ) -> Outcome:
         """The group's verdict over the findings its policy does not bypass, and what it does to the message."""
         policy, originating = group[0].policy, group[0].originating
         rcpts = tuple(r.address for r in group)
-        found = summarize({n: f for n, f in findings.items() if not getattr(policy, self.bypass.get(n, ""), False)})
+        bypassed = {name for name, flag in self.bypass.items() if getattr(policy, flag)}
+        if bypassed:
+            found = summarize({n: f for n, f in findings.items() if n not in bypassed})
         verdict = decide(found, policy)
         category = kept(policy, verdict) if self.quarantine is not None else ""
         quarantine_id = ""

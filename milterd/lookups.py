@@ -337,6 +337,7 @@ class PolicyLookups:
         self.rules = rules
         self.mynetworks = tuple(ipaddress.ip_network(n, strict=False) for n in mynetworks)
         self.sql = sql
+        self._plain: dict[tuple, Policy] = {}  # policies without per-recipient values, made once each
 
     def recipient(self, address: str, txn: Transaction) -> Recipient:
         """LookupFailed when the database cannot answer: the caller defers (4xx), never guesses."""
@@ -359,8 +360,13 @@ class PolicyLookups:
         local = values.pop("local", rules.is_local(address))
         listed = self._sender_list(keys, txn.mail_from, row)
         sender_list, sender_score = sender_verdict(listed)
-        policy = _with(base, values, local=local, sender_list=sender_list, sender_score=sender_score, source=source)
-        return Recipient(address, policy, originating)
+        internal = {"local": local, "sender_list": sender_list, "sender_score": sender_score, "source": source}
+        if values:
+            return Recipient(address, _with(base, values, **internal), originating)
+        key = (base.bank, *internal.values())
+        if key not in self._plain:  # most recipients: one of a handful of policies, no copy per RCPT
+            self._plain[key] = replace(base, **internal)
+        return Recipient(address, self._plain[key], originating)
 
     def keys(self, address: str) -> list[str]:
         rules = self.rules
