@@ -242,10 +242,6 @@ def _run(config, args) -> int:
         )
         context.open()
     _setup_logging(settings.log_file, settings.log_level, foreground=args.foreground)
-    if engine.quarantine is not None:
-        from .quarantine import purge_daily
-
-        purge_daily(engine.quarantine, config.quarantine.keep_days)
     try:
         serve(engine)
     except Exception as e:

@@ -20,6 +20,7 @@ from typing import Any
 from .checks import registry
 from .dkimsign import SigningSettings, check_signing
 from .dns import parse_nameserver
+from .notify import NotifySettings, parse_notify
 from .quarantine import QuarantineSettings
 from .rules import Rules, load_rules
 from .sql import SqlSettings, check_sql
@@ -67,6 +68,7 @@ class Config:
     dns: DnsSettings = field(default_factory=DnsSettings)
     sql: SqlSettings = field(default_factory=SqlSettings)
     quarantine: QuarantineSettings = field(default_factory=QuarantineSettings)
+    notify: NotifySettings = field(default_factory=NotifySettings)
     checks: Mapping[str, Any] = field(default_factory=dict)  # check name -> its settings ([name])
     given: frozenset[str] = field(default=frozenset(), compare=False)  # "section.key"s the file sets
 
@@ -101,7 +103,7 @@ def load_config(path: Path | None = None) -> Config:
     path = Path(path or DEFAULT_PATH)
     data = read_toml(path)
     schema = {**_SECTIONS, **{name: spec.settings for name, spec in registry().items()}}
-    unknown = sorted(set(data) - set(schema))
+    unknown = sorted(set(data) - set(schema) - {"notify"})
     if unknown:
         raise ConfigError(f"{path}: unknown section [{unknown[0]}]")
     if isinstance(data.get("signing"), dict) and "mynetworks" in data["signing"]:
@@ -124,6 +126,7 @@ def load_config(path: Path | None = None) -> Config:
             raise ConfigError(f"{path}: milter.mynetworks[{i}]: {network!r} is not a network (CIDR)") from None
     check_signing(sections["signing"], path)
     check_sql(sections["sql"], path)
+    notify = parse_notify(data.get("notify", {}), path)
     if sections["quarantine"].store == "sql" and not sections["sql"].enabled:
         raise ConfigError(f'{path}: quarantine.store = "sql" needs [sql] dsn or dsn_file')
     via = sections["quarantine"].release_via
@@ -140,6 +143,7 @@ def load_config(path: Path | None = None) -> Config:
         dns=sections.pop("dns"),
         sql=sections.pop("sql"),
         quarantine=sections.pop("quarantine"),
+        notify=notify,
         checks=sections,
         given=frozenset(f"{name}.{key}" for name, table in data.items() for key in table),
     )

@@ -22,9 +22,10 @@ from .dkimsign import Signer, build_signer
 from .findings import Finding, Summary, summarize
 from .lookups import LookupFailed, PolicyLookups, Recipient, Transaction
 from .message import Envelope, Message, header_section, split_header_section
+from .notify import Notifier
 from .pipeline import Pipeline
 from .policy import Category, Policy, Reply, Verdict, decide, format_score, kept
-from .quarantine import DirectoryStore, Entry, QuarantineError, SqlStore, new_id, open_store
+from .quarantine import DirectoryStore, Entry, QuarantineError, SqlStore, new_id, open_store, purge_daily
 from .sanitize import address, printable
 
 log = logging.getLogger("milterd")
@@ -84,9 +85,11 @@ class Engine:
         signer: Signer | None,
         lookups: PolicyLookups,
         quarantine: DirectoryStore | SqlStore | None = None,
+        notifier: Notifier | None = None,
     ):
         self.config = config
         self.quarantine = quarantine
+        self.notifier = notifier
         self.rules = config.rules
         self.hostname = config.milter.hostname
         self.pipeline = Pipeline(checks, config.milter.max_concurrent)
@@ -122,12 +125,23 @@ class Engine:
         return self._tempfail(message, INTERNAL_ERROR, f"internal error: {type(error).__name__}: {error}")
 
     def after_reply(self, disposition: Disposition) -> None:
-        """What follows the decided reply: the log line (later quarantine, notifications, metrics)."""
+        """What follows the decided reply: the log line, the admins' notification (queued, sent later)."""
         log.info("%s", log_line(disposition))
+        if self.notifier is not None:
+            self.notifier.notify(disposition)
+
+    def start(self) -> None:
+        """The daemon's background work, once root is dropped: sending notifications, purging the quarantine."""
+        if self.notifier is not None:
+            self.notifier.start()
+        if self.quarantine is not None:
+            purge_daily(self.quarantine, self.config.quarantine.keep_days)
 
     def close(self) -> None:
         self.pipeline.shutdown()
         self.lookups.close()
+        if self.notifier is not None:
+            self.notifier.close()
 
     def _tempfail(self, message: Message, reply: Reply, why: str) -> Disposition:
         why = printable(why, 300)
@@ -215,8 +229,11 @@ def build_engine(config: Config, offline: bool = False) -> Engine:
 
         sql = SqlLookups(config.sql, read_dsn(config.sql, path))
     lookups = PolicyLookups(config.rules, config.milter.mynetworks, sql)
-    quarantine = None if offline else open_store(config.quarantine, path, sql)
-    return Engine(config, build_checks(config, Runtime(config)), signer, lookups, quarantine)
+    quarantine = notifier = None
+    if not offline:
+        quarantine = open_store(config.quarantine, path, sql)
+        notifier = Notifier(config.notify, config.milter.hostname, path.parent / config.milter.rules / "notify")
+    return Engine(config, build_checks(config, Runtime(config)), signer, lookups, quarantine, notifier)
 
 
 def transaction(envelope: Envelope) -> Transaction:

@@ -181,6 +181,7 @@ def serve(engine: Engine) -> None:
         no_delay_on_listeners()
         if settings.user:
             drop_privileges(settings.user)
+        engine.start()  # its files (outbox, quarantine) belong to the user milterd runs as
         return main()
 
     Milter.milter.main = main_after_listen

@@ -431,7 +431,8 @@ class Notifier:
         return "\n".join(lines)
 
     def _record(self, admin: str, subject: str, body: str, kind: str, queue_id: str, category: str) -> dict:
-        msg = EmailMessage(policy=email.policy.SMTP.clone(cte_type="7bit"))
+        # 7bit: non-ASCII template text goes quoted-printable; 998: each header on one line, never folded
+        msg = EmailMessage(policy=email.policy.SMTP.clone(cte_type="7bit", max_line_length=998))
         msg["Date"] = format_datetime(localtime())
         msg["From"] = self.mail_from
         msg["To"] = admin
@@ -541,8 +542,13 @@ class Notifier:
             entries = [e for e in os.scandir(self.outbox) if e.is_file() and not e.name.startswith(".")]
         except FileNotFoundError:
             return []
-        entries.sort(key=lambda e: (e.stat().st_mtime_ns, e.name))
-        return [Path(e.path) for e in entries]
+        dated = []
+        for entry in entries:
+            try:
+                dated.append((entry.stat().st_mtime_ns, entry.name, Path(entry.path)))
+            except FileNotFoundError:
+                continue  # sent by another sender meanwhile
+        return [path for _, _, path in sorted(dated)]
 
     def deliver(self) -> bool:
         """Send every outbox file through the relay (one connection). True when nothing is left to

@@ -190,10 +190,21 @@ class SqlLookups(Database):
             return None if cached is _NONE else cached
         sql, names = bind(query, len(keys))
         with self.failures("select_white_black_list" if params else "select_policy"), self.engine.connect() as c:
-            row = c.execute(text(sql), {**dict(zip(names, keys, strict=True)), **params}).first()
+            row = c.execute(text(sql), {**dict(zip(names, map(_bindable, keys), strict=True)), **params}).first()
         found = None if row is None else {k.lower(): v for k, v in row._mapping.items()}
         self._cache.put(cache_key, _NONE if found is None else found)
         return found
+
+
+def _bindable(key: str) -> str:
+    """A key as a driver can bind it. Octets that are not UTF-8 reach milterd as surrogates
+    (pymilter's surrogateescape), which no driver encodes: they become U+FFFD, so that key matches
+    nothing and the other keys (the domain's) still answer, instead of an exception at RCPT."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return key.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return key
 
 
 class _Failures:

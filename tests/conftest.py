@@ -74,7 +74,11 @@ def write_config(
     path = directory / "milterd.toml"
     off = "[dkim]\nenabled = false\n[spf]\nenabled = false\n[dmarc]\nenabled = false\n"
     auth = f'[dns]\nnameservers = ["{dns}"]\n' if dns else off
-    quarantine = f'[quarantine]\ndirectory = "{directory / "quarantine"}"\n'
+    # the quarantine and the notification outbox in the test's own directory; no relay listens on port 1
+    quarantine = (
+        f'[quarantine]\ndirectory = "{directory / "quarantine"}"\n'
+        f'[notify]\noutbox = "{directory / "outbox"}"\nvia = "127.0.0.1:1"\n'
+    )
     path.write_text(f'[milter]\n[clamav]\nsocket = "{clamav}"\n[spamd]\naddress = "{spamd}"\n{auth}{quarantine}')
     return path
 

@@ -151,7 +151,8 @@ def prepare(listen: str) -> tuple[Path, list[Path]]:
         f'[milter]\nlisten = "{listen}"\nrules = "rules"\nlog_file = ""\n\n'
         f'[clamav]\nsocket = "{clamd.socket_path}"\n\n'
         f'[spamd]\naddress = "127.0.0.1:{spamd.port}"\n\n'
-        f'[quarantine]\ndirectory = "{RUN / "quarantine"}"\n'
+        f'[quarantine]\ndirectory = "{RUN / "quarantine"}"\n\n'
+        f'[notify]\noutbox = "{RUN / "outbox"}"\nvia = "127.0.0.1:1"  # no relay here: notifications wait\n'
     )
     samples = write_samples(RUN / "samples")
     print("* offline check: milterd scan --config .run/milterd.toml .run/samples\n")

@@ -76,7 +76,8 @@ def write_config(directory: Path, policy: str) -> Path:
     (rules / "policy.toml").write_text('local_domains = ["example.com"]\n' + policy)
     off = "".join(f"[{name}]\nenabled = false\n" for name in ("clamav", "spamd", "dkim", "spf", "dmarc"))
     path = directory / "milterd.toml"
-    path.write_text(f'[milter]\nhostname = "{HOSTNAME}"\n{off}[quarantine]\ndirectory = "{directory / "quarantine"}"\n')
+    kept = f'[quarantine]\ndirectory = "{directory / "quarantine"}"\n[notify]\noutbox = "{directory / "outbox"}"\n'
+    path.write_text(f'[milter]\nhostname = "{HOSTNAME}"\n{off}{kept}')
     return path
 
 

@@ -38,8 +38,9 @@ def config(tmp_path: Path, policy: str, quarantine: str = "") -> Path:
     (tmp_path / "rules" / "policy.toml").write_text('local_domains = ["example.com"]\n' + policy)
     off = "".join(f"[{name}]\nenabled = false\n" for name in ("clamav", "spamd", "dkim", "spf", "dmarc"))
     path = tmp_path / "milterd.toml"
+    outbox = f'[notify]\noutbox = "{tmp_path / "outbox"}"\nvia = "127.0.0.1:1"\n'
     path.write_text(
-        off + (quarantine or f'[quarantine]\ndirectory = "{tmp_path / "q"}"\nrelease_via = "127.0.0.1:1"\n')
+        off + outbox + (quarantine or f'[quarantine]\ndirectory = "{tmp_path / "q"}"\nrelease_via = "127.0.0.1:1"\n')
     )
     return path
 
