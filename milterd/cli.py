@@ -211,6 +211,10 @@ def _check_config(config, show: bool) -> int:
     except ConfigError as e:
         print(f"milterd: {e}", file=sys.stderr)
         return EXIT_USAGE
+    from .checks import unmet_needs
+
+    for warning in unmet_needs(config):
+        print(f"milterd: warning: {warning}", file=sys.stderr)
     try:
         print(f"milterd: {config.path or 'built-in defaults'}: OK")
         if show:
@@ -242,6 +246,10 @@ def _run(config, args) -> int:
         )
         context.open()
     _setup_logging(settings.log_file, settings.log_level, foreground=args.foreground)
+    from .checks import unmet_needs
+
+    for warning in unmet_needs(config):
+        log.warning("%s", warning)
     try:
         serve(engine)
     except Exception as e:

@@ -13,6 +13,7 @@ import logging
 import os
 import pwd
 import re
+import signal
 import socket
 from dataclasses import replace
 
@@ -181,7 +182,16 @@ def serve(engine: Engine) -> None:
         no_delay_on_listeners()
         if settings.user:
             drop_privileges(settings.user)
-        engine.start()  # its files (outbox, quarantine) belong to the user milterd runs as
+        # its files (outbox, quarantine) belong to the user milterd runs as. Its threads start with
+        # the signals libmilter's signal thread sigwaits for blocked, as libmilter's own threads
+        # have them: a thread that left SIGTERM unblocked would take it, and its default action
+        # would kill milterd without a clean stop (engine.close(): the notification summaries).
+        stop_signals = {signal.SIGHUP, signal.SIGINT, signal.SIGTERM}
+        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        try:
+            engine.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
         return main()
 
     Milter.milter.main = main_after_listen

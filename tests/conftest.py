@@ -54,7 +54,13 @@ def spamd(daemon_dir):
 
 
 def write_config(
-    directory: Path, *, clamav: str, spamd: str, policy: dict | None = None, dns: str | None = None
+    directory: Path,
+    *,
+    clamav: str,
+    spamd: str,
+    policy: dict | None = None,
+    dns: str | None = None,
+    spamd_critical: bool = False,
 ) -> Path:
     """A milterd.toml plus rules/: the shipped banned.toml, and policy.toml with `policy` merged over it.
 
@@ -79,7 +85,10 @@ def write_config(
         f'[quarantine]\ndirectory = "{directory / "quarantine"}"\n'
         f'[notify]\noutbox = "{directory / "outbox"}"\nvia = "127.0.0.1:1"\n'
     )
-    path.write_text(f'[milter]\n[clamav]\nsocket = "{clamav}"\n[spamd]\naddress = "{spamd}"\n{auth}{quarantine}')
+    critical = "critical = true\n" if spamd_critical else ""
+    path.write_text(
+        f'[milter]\n[clamav]\nsocket = "{clamav}"\n[spamd]\naddress = "{spamd}"\n{critical}{auth}{quarantine}'
+    )
     return path
 
 

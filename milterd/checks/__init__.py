@@ -1,8 +1,9 @@
 """The checks: one module each, registered once with everything the rest of milterd needs to know.
 
 A check module declares, with `@register` on its Check class, its name, its settings dataclass (the
-`[name]` section of milterd.toml is derived from it), the checks it runs `after`, whether it is
-critical, the rules/scores.toml tables it reads, and a factory. Config validation, the pipeline,
+`[name]` section of milterd.toml is derived from it; its `critical` default says whether a failure
+makes the message UNCHECKED), the checks it runs `after`, the rules/scores.toml tables it reads,
+and a factory. Config validation, the pipeline,
 `check-config` and `scan --json` enumerate the registry, so adding a check is one new file.
 
 Check modules are imported to read their declarations whenever the config is loaded, so they
@@ -32,7 +33,7 @@ ScoreTable = Mapping[str, float | tuple[str, float]] | None
 
 
 class Check:
-    """What the pipeline needs of a check; `@register` sets name, critical and after.
+    """What the pipeline needs of a check; `@register` sets name and after, build_checks `critical`.
 
     `after` names checks whose findings `skip_reason` and `run_after` want to see first (spamd
     waits for the virus scan, so an infected message never costs a SpamAssassin run; DMARC judges
@@ -71,7 +72,6 @@ class CheckSpec:
     order: int  # where it starts, and where it stands in the log and in scan --json
     build: Callable[[Any, Runtime], Check]  # (its settings, the shared runtime) -> the check
     after: tuple[str, ...] = ()
-    critical: bool = False
     needs: tuple[str, ...] = ()  # built only when these are enabled too (DMARC judges DKIM and SPF)
     scores: Mapping[str, ScoreTable] = field(default_factory=dict)  # the rules/scores.toml tables it reads
     bypass: str = ""  # the Policy flag that skips it for a recipient (amavis' bypass_*_checks)
@@ -87,7 +87,6 @@ def register(
     order: int,
     build: Callable[[Any, Runtime], Check],
     after: tuple[str, ...] = (),
-    critical: bool = False,
     needs: tuple[str, ...] = (),
     scores: Mapping[str, ScoreTable] | None = None,
     bypass: str = "",
@@ -95,8 +94,8 @@ def register(
     """Class decorator: declare a check once."""
 
     def declare(cls: type[Check]) -> type[Check]:
-        cls.name, cls.critical, cls.after = name, critical, after
-        _registered[name] = CheckSpec(name, settings, order, build, after, critical, needs, scores or {}, bypass)
+        cls.name, cls.critical, cls.after = name, settings().critical, after
+        _registered[name] = CheckSpec(name, settings, order, build, after, needs, scores or {}, bypass)
         return cls
 
     return declare
@@ -144,7 +143,23 @@ def enabled(config: Config) -> list[CheckSpec]:
     return [spec for name, spec in registry().items() if name in on and on.issuperset(spec.needs)]
 
 
+def unmet_needs(config: Config) -> list[str]:
+    """Checks that are on but do not run because a check they need is off (DMARC without SPF)."""
+    return [
+        f"[{name}] is enabled but needs [{need}], which is off: {name} does not run"
+        for name, spec in registry().items()
+        if config.check(name).enabled
+        for need in spec.needs
+        if not config.check(need).enabled
+    ]
+
+
 def build_checks(config: Config, runtime: Runtime | None = None) -> list[Check]:
     """Every enabled check, in the order they are started."""
     runtime = runtime or Runtime(config)
-    return [spec.build(config.check(spec.name), runtime) for spec in enabled(config)]
+    checks = []
+    for spec in enabled(config):
+        check = spec.build(config.check(spec.name), runtime)
+        check.critical = config.check(spec.name).critical
+        checks.append(check)
+    return checks

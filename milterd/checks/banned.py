@@ -32,6 +32,7 @@ class BannedSettings:
     """
 
     enabled: bool = True
+    critical: bool = True  # cannot answer: the message is UNCHECKED (then scanner_failure decides)
     max_levels: int = 14  # $MAXLEVELS: nesting depth (MIME message/rfc822 nesting + archive levels)
     max_files: int = 1500  # $MAXFILES: parts + archive members in total
     min_expansion_quota: int = 100 * 1024
@@ -166,7 +167,6 @@ def _ancestor_paths(path: str) -> list[str]:
     bypass="bypass_banned_checks",
     settings=BannedSettings,
     order=30,
-    critical=True,
     build=lambda settings, runtime: BannedCheck(runtime.rules.banned, runtime.walker),
 )
 class BannedCheck(Check):

@@ -20,6 +20,7 @@ from . import Check, register
 @dataclass(frozen=True)
 class ClamavSettings:
     enabled: bool = True
+    critical: bool = True  # cannot answer: the message is UNCHECKED (then scanner_failure decides)
     # a unix socket path or "tcp:HOST:PORT"; a list is a failover pool
     socket: tuple[str, ...] = field(default=("/run/clamav/clamd.ctl",), metadata=POSITIVE)
     timeout: float = field(default=30.0, metadata=POSITIVE)
@@ -72,7 +73,6 @@ def scanner(address: str, timeout: float):
     bypass="bypass_virus_checks",
     settings=ClamavSettings,
     order=10,
-    critical=True,
     build=lambda s, _: ClamavCheck(s.socket, s.timeout, s.max_size),
 )
 class ClamavCheck(Check):

@@ -140,6 +140,7 @@ class DccSettings:
     """DCC through the dccifd daemon's socket; off by default, as dccifd asks outside servers."""
 
     enabled: bool = False
+    critical: bool = False  # cannot answer: it adds nothing, and the log and the finding say why
     socket: str = "/var/lib/dcc/dccifd"
     timeout: float = field(default=5.0, metadata=POSITIVE)
     cache_ttl: float = 60.0  # seconds an answer is reused (a burst of the same spam asks once); 0 = no cache

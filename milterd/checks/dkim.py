@@ -86,6 +86,7 @@ UNSIGNED = DkimResult("none", "", "")
 @dataclass(frozen=True)
 class DkimSettings:
     enabled: bool = True
+    critical: bool = False  # cannot answer: it adds nothing, and the log and the finding say why
     timeout: float = field(default=10.0, metadata=POSITIVE)  # seconds for the key lookups of all signatures
     # dkimpy holds the message in memory: larger mail is not verified
     max_size: int = field(default=25 * 1024 * 1024, metadata=POSITIVE)

@@ -89,6 +89,7 @@ class DmarcSettings:
     """DMARC for the From domain; built only when [dkim] and [spf] are both enabled (it judges their results)."""
 
     enabled: bool = True
+    critical: bool = False  # cannot answer: it adds nothing, and the log and the finding say why
     timeout: float = field(default=10.0, metadata=POSITIVE)  # seconds for the policy lookups (From and org domain)
 
 

@@ -31,6 +31,7 @@ class PyzorSettings:
     """Pyzor digests checked against its servers; off by default, as it asks an outside server."""
 
     enabled: bool = False
+    critical: bool = False  # cannot answer: it adds nothing, and the log and the finding say why
     servers: tuple[str, ...] = field(default=("public.pyzor.org:24441",), metadata=POSITIVE)  # HOST:PORT
     timeout: float = field(default=5.0, metadata=POSITIVE)
     max_size: int = field(default=512000, metadata=POSITIVE)  # larger ones are not digested (spamc's limit)

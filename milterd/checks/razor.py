@@ -169,6 +169,7 @@ class RazorSettings:
     """Razor through Debian's razor-check; off by default, as it asks outside servers."""
 
     enabled: bool = False
+    critical: bool = False  # cannot answer: it adds nothing, and the log and the finding say why
     command: str = "razor-check"
     homedir: str = ""  # razor's -home (its identity and server list); "" = the running user's ~/.razor
     timeout: float = field(default=5.0, metadata=POSITIVE)

@@ -72,6 +72,7 @@ def _connect(address: str, timeout: float) -> socket.socket:
 @dataclass(frozen=True)
 class SpamdSettings:
     enabled: bool = True
+    critical: bool = False  # cannot answer: it adds nothing, and the log and the finding say why
     # HOST:PORT or a unix socket path; a list is a failover pool
     address: tuple[str, ...] = field(default=("127.0.0.1:783",), metadata=POSITIVE)
     timeout: float = field(default=60.0, metadata=POSITIVE)
@@ -94,7 +95,6 @@ def _user_header(user: str) -> bytes:
     bypass="bypass_spam_checks",
     settings=SpamdSettings,
     order=20,
-    critical=True,
     after=("clamav",),
     build=lambda s, _: SpamdCheck(s.address, s.timeout, s.max_size, s.user),
 )

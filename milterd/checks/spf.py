@@ -74,6 +74,7 @@ class SpfResult:
 @dataclass(frozen=True)
 class SpfSettings:
     enabled: bool = True
+    critical: bool = False  # cannot answer: it adds nothing, and the log and the finding say why
     timeout: float = field(default=20.0, metadata=POSITIVE)  # seconds for the whole evaluation (RFC 7208 4.6.4)
 
 

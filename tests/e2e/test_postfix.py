@@ -25,8 +25,10 @@ POLICIES = {
     "reject": {"destiny": {"spam": "REJECT"}},
     "tempfail": {"scanner_failure": "tempfail"},
     "unchecked": {"scanner_failure": "unchecked"},
+    "optional": {},
 }
-DEAD_SPAMD = ("tempfail", "unchecked")  # these point at a spamd that is not running
+DEAD_SPAMD = ("tempfail", "unchecked", "optional")  # these point at a spamd that is not running
+CRITICAL_SPAMD = ("tempfail", "unchecked")  # spamd made critical, as clamd is by default
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +44,7 @@ def mta(tmp_path_factory, clamd, spamd):
                 clamav=str(clamd.socket_path),
                 spamd=dead if name in DEAD_SPAMD else f"127.0.0.1:{spamd.port}",
                 policy=policy,
+                spamd_critical=name in CRITICAL_SPAMD,
             )
         )
         for name, policy in POLICIES.items()
@@ -141,7 +144,15 @@ def test_clean_mail_under_tag_level_2_gets_no_spam_headers(mta):
     assert len(header(delivered, "X-Virus-Scanned")) == 1
 
 
-def test_spamd_down_with_tempfail_answers_4xx_and_nothing_is_delivered(mta):
+def test_spamd_down_by_default_delivers_unscored_as_amavis_does(mta):
+    """spamd is not critical by default: mail keeps flowing, without a spam score or UNCHECKED."""
+    postfix, _ = mta
+    delivered = postfix.wait_delivered(send(mta, "optional", b"Hello", subject="report"))
+    assert header(delivered, "Subject") == ["report"]
+    assert header(delivered, "X-Amavis-Alert") == [] and header(delivered, "X-Spam-Status") == []
+
+
+def test_critical_spamd_down_with_tempfail_answers_4xx_and_nothing_is_delivered(mta):
     postfix, _ = mta
     with pytest.raises(smtplib.SMTPDataError) as deferred:
         send(mta, "tempfail", b"Hello")
@@ -150,7 +161,7 @@ def test_spamd_down_with_tempfail_answers_4xx_and_nothing_is_delivered(mta):
     postfix.wait_queue_empty(10)
 
 
-def test_spamd_down_with_unchecked_delivers_marked_unchecked(mta):
+def test_critical_spamd_down_with_unchecked_delivers_marked_unchecked(mta):
     postfix, _ = mta
     delivered = postfix.wait_delivered(send(mta, "unchecked", b"Hello", subject="report"))
     assert header(delivered, "Subject") == ["***UNCHECKED*** report"]

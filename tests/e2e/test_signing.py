@@ -49,6 +49,7 @@ def mta(tmp_path_factory, clamd, spamd, dns):
             spamd=f"127.0.0.1:{spamd.port}" if alive else dead,
             policy=policy,
             dns=dns.nameserver,
+            spamd_critical=not alive,  # a dead spamd that counts: the message is UNCHECKED
         )
         networks = f"mynetworks = {mynetworks!r}\n".replace("'", '"') if mynetworks else ""
         text = config.read_text().replace("[milter]\n", f"[milter]\n{networks}", 1)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from milterd.checks import build_checks, registry
+from milterd.checks import build_checks, registry, unmet_needs
 from milterd.config import load_config
 from milterd.scores import default_scores
 
@@ -81,7 +81,23 @@ def test_the_checks_built_are_the_enabled_ones_and_those_whose_needs_are_on(tmp_
 def test_each_check_takes_its_declaration_from_the_registry():
     for check in build_checks(load_config(None)):
         spec = registry()[check.name]
-        assert (check.critical, check.after) == (spec.critical, spec.after)
+        assert (check.critical, check.after) == (spec.settings().critical, spec.after)
+
+
+def test_critical_defaults_are_clamav_and_banned_and_every_section_can_change_them(tmp_path):
+    assert [n for n, spec in registry().items() if spec.settings().critical] == ["clamav", "banned"]
+    (tmp_path / "rules").mkdir()
+    path = tmp_path / "milterd.toml"
+    path.write_text("[spamd]\ncritical = true\n[clamav]\ncritical = false\n")
+    built = {check.name: check.critical for check in build_checks(load_config(path))}
+    assert (built["spamd"], built["clamav"], built["banned"]) == (True, False, True)
+
+
+def test_a_check_whose_needs_are_off_is_named(tmp_path):
+    (tmp_path / "rules").mkdir()
+    path = tmp_path / "milterd.toml"
+    path.write_text("[spf]\nenabled = false\n")
+    assert unmet_needs(load_config(path)) == ["[dmarc] is enabled but needs [spf], which is off: dmarc does not run"]
 
 
 def test_every_score_table_a_check_declares_has_its_defaults():
