@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     for each in (qlist, qshow, qpurge):
         each.add_argument("--config", type=Path, help="config file (default /etc/milterd/milterd.toml)")
 
+    reload = sub.add_parser("reload", help="tell the running milterd (its pidfile) to re-read its configuration")
+    reload.add_argument("--config", type=Path, help="config file (default /etc/milterd/milterd.toml)")
+
     rel = sub.add_parser("release", help="re-send a quarantined message to its recipients (or --to) via release_via")
     rel.add_argument("--config", type=Path, help="config file (default /etc/milterd/milterd.toml)")
     rel.add_argument("id", metavar="ID")
@@ -108,7 +111,26 @@ def main(argv: list[str] | None = None) -> int:
         return _report(config, args)
     if args.command in ("quarantine", "release"):
         return _quarantine(config, args)
+    if args.command == "reload":
+        return _reload(config)
     return _run(config, args)
+
+
+def _reload(config) -> int:
+    """SIGHUP to the process in [milter] pidfile; it logs whether the new configuration was taken."""
+    import signal
+
+    if not config.milter.pidfile:
+        print("milterd: reload: [milter] pidfile is not set: send SIGHUP to milterd yourself", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        pid = int(Path(config.milter.pidfile).read_text().split()[0])
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError, IndexError) as e:
+        print(f"milterd: reload: {config.milter.pidfile}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        return EXIT_BLOCKED
+    print(f"milterd: reload sent to {pid}; the log says whether the new configuration was taken")
+    return EXIT_OK
 
 
 def _quarantine(config, args) -> int:
@@ -228,7 +250,7 @@ def _check_config(config, show: bool) -> int:
 
 def _run(config, args) -> int:
     from .engine import build_engine
-    from .milter import serve
+    from .service import Service
 
     settings = config.milter
     try:
@@ -250,14 +272,17 @@ def _run(config, args) -> int:
 
     for warning in unmet_needs(config):
         log.warning("%s", warning)
-    try:
-        serve(engine)
-    except Exception as e:
-        log.error("cannot serve on %s: %s", settings.listen, e)
-        return EXIT_USAGE
-    finally:
-        engine.close()
-    return EXIT_OK
+    if args.foreground and settings.pidfile:
+        Path(settings.pidfile).write_text(f"{os.getpid()}\n")
+
+    def load():
+        """The configuration files read again, and their engine built: what a reload swaps in."""
+        fresh = load_config(args.config)
+        for warning in unmet_needs(fresh):
+            log.warning("%s", warning)
+        return build_engine(fresh)
+
+    return Service(engine, load).run()
 
 
 # A reporter: (raw message, is spam) -> its failures, one line each; empty when every server took it.

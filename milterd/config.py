@@ -38,6 +38,7 @@ class MilterSettings:
     spool_threshold: int = 1 << 20  # bytes of a message kept in memory; the rest goes to a temp file
     spool_dir: str = ""  # where spooled messages go ("" = the system temp dir)
     max_concurrent: int = field(default=32, metadata=POSITIVE)  # messages evaluated at once; more wait for a slot
+    stop_timeout: float = field(default=30.0, metadata=POSITIVE)  # SIGTERM: seconds transactions in flight get
     timeout: int = 600  # seconds libmilter waits on an idle MTA connection
     log_file: str = ""  # "" = stderr in the foreground, syslog (mail facility) as a daemon
     log_level: typing.Literal["debug", "info", "warning", "error"] = "info"

@@ -9,6 +9,7 @@ reference, and a transaction keeps the Engine it started with.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -95,6 +96,10 @@ class Engine:
         self.pipeline = Pipeline(checks, config.milter.max_concurrent)
         self.signer = signer
         self.lookups = lookups
+        self._users = 0  # transactions that hold this engine (Session); a retired engine closes at 0
+        self._retired = False
+        self._users_lock = threading.Lock()
+        self._stop_purging = threading.Event()
         self.bypass = {check.name: registry()[check.name].bypass for check in checks if registry()[check.name].bypass}
 
     def recipient(self, address: str, txn: Transaction) -> Recipient:
@@ -135,9 +140,33 @@ class Engine:
         if self.notifier is not None:
             self.notifier.start()
         if self.quarantine is not None:
-            purge_daily(self.quarantine, self.config.quarantine.keep_days)
+            purge_daily(self.quarantine, self.config.quarantine.keep_days, self._stop_purging)
+
+    def acquire(self) -> None:
+        """A transaction starts with this engine: it keeps it, whatever a reload swaps in meanwhile."""
+        with self._users_lock:
+            self._users += 1
+
+    def release(self) -> None:
+        with self._users_lock:
+            self._users -= 1
+            last = self._retired and self._users == 0
+        if last:
+            self.close()
+
+    def retire(self) -> None:
+        """A reload replaced this engine: it closes once its last transaction is done."""
+        with self._users_lock:
+            self._retired = True
+            idle = self._users == 0
+        if idle:
+            self.close()
 
     def close(self) -> None:
+        """Stop its threads and pools; a second close does nothing."""
+        if self._stop_purging.is_set():
+            return
+        self._stop_purging.set()
         self.pipeline.shutdown()
         self.lookups.close()
         if self.notifier is not None:

@@ -13,8 +13,8 @@ import logging
 import os
 import pwd
 import re
-import signal
 import socket
+import threading
 from dataclasses import replace
 
 import Milter
@@ -34,29 +34,43 @@ M_ARENA_MAX = -8  # glibc's mallopt parameter number
 class Session(Milter.Base):
     """One SMTP connection; a transaction starts at MAIL FROM and ends at end of message or abort."""
 
-    engine: Engine  # the current Engine: serve() sets it, a reload swaps it (this one reference)
+    engine: Engine  # the current Engine: the service sets it, a reload swaps it (this one reference)
+    stopping = False  # the service is stopping: new transactions are deferred
+    in_flight = 0  # transactions started and not yet ended, in every session
+    _count = threading.Lock()
 
     def __init__(self):
         self.client_ip = self.client_name = self.helo = self.daemon_name = ""
         self.smtp = True  # False for Postfix's non_smtpd_milters (sendmail, pickup)
         self.spool: Spool | None = None
+        self.transaction_engine: Engine | None = None
         self.in_body = False
         self._new_transaction(None)
 
     def _new_transaction(self, mail_from: str | None) -> None:
         """Start a transaction at MAIL FROM; None ends it and frees its spool.
 
-        A transaction keeps the Engine it started with, whatever a reload swaps in meanwhile.
+        A transaction keeps the Engine it started with, whatever a reload swaps in meanwhile: it
+        holds it (acquire) until it ends, so a replaced engine closes only when no one uses it.
         """
         if self.spool is not None:
             self.spool.close()
-        self.transaction_engine = self.engine
-        settings = self.transaction_engine.config.milter
+        if self.transaction_engine is not None:
+            self.transaction_engine.release()
+            with Session._count:
+                Session.in_flight -= 1
+        self.transaction_engine = None
         self.mail_from = mail_from or ""
         self.rcpts: list[Recipient] = []
         self.auth_user = ""
         self.in_body = False
-        self.spool = Spool(settings.spool_threshold, settings.spool_dir) if mail_from is not None else None
+        self.spool = None
+        if mail_from is not None:
+            engine = self.transaction_engine = self.engine
+            engine.acquire()
+            with Session._count:
+                Session.in_flight += 1
+            self.spool = Spool(engine.config.milter.spool_threshold, engine.config.milter.spool_dir)
 
     @Milter.noreply
     def connect(self, hostname, family, hostaddr):
@@ -88,6 +102,9 @@ class Session(Milter.Base):
         policy applies to all, as amavis' milter does. A lookup that fails defers the recipient
         (451 4.3.0): it is never taken for non-local because the database was away.
         """
+        if Session.stopping:
+            self.setreply("451", "4.3.2", "milterd is stopping, try again later")
+            return Milter.TEMPFAIL
         txn = Transaction(self.mail_from, self.client_ip, self.auth_user, self.daemon_name)
         try:
             recipient = self.transaction_engine.recipient(rcpt.strip("<>"), txn)
@@ -169,11 +186,9 @@ class Session(Milter.Base):
         return Milter.CONTINUE
 
 
-def serve(engine: Engine) -> None:
-    """Listen and serve until stopped. Root is dropped (to `[milter] user`) after the socket is open."""
-    settings = engine.config.milter
-    limit_malloc_arenas()
-    Session.engine = engine
+def run_milter(settings, on_listening) -> None:
+    """Open the socket, call `on_listening()` (root is dropped there), then serve until libmilter
+    stops (smfi_stop). Blocks; the service runs it in a thread of its own."""
     Milter.factory = Session
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS)
     main = Milter.milter.main
@@ -182,16 +197,7 @@ def serve(engine: Engine) -> None:
         no_delay_on_listeners()
         if settings.user:
             drop_privileges(settings.user)
-        # its files (outbox, quarantine) belong to the user milterd runs as. Its threads start with
-        # the signals libmilter's signal thread sigwaits for blocked, as libmilter's own threads
-        # have them: a thread that left SIGTERM unblocked would take it, and its default action
-        # would kill milterd without a clean stop (engine.close(): the notification summaries).
-        stop_signals = {signal.SIGHUP, signal.SIGINT, signal.SIGTERM}
-        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-        try:
-            engine.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
+        on_listening()
         return main()
 
     Milter.milter.main = main_after_listen
@@ -199,7 +205,6 @@ def serve(engine: Engine) -> None:
         os.umask(0o111)  # the socket must be writable by Postfix; the directory's mode guards it
     log.info("milterd listening on %s", settings.listen)
     Milter.runmilter("milterd", settings.listen, settings.timeout)
-    log.info("milterd stopped")
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:

@@ -315,18 +315,20 @@ def _refusals(refused: dict) -> str:
     return "; ".join(f"{rcpt}: {code} {text.decode('utf-8', 'replace')}" for rcpt, (code, text) in refused.items())
 
 
-def purge_daily(store: DirectoryStore | SqlStore, keep_days: int, interval: float = 86400.0) -> threading.Thread:
-    """A daemon thread that purges entries older than keep_days now and then once a day."""
+def purge_daily(
+    store: DirectoryStore | SqlStore, keep_days: int, stop: threading.Event, interval: float = 86400.0
+) -> threading.Thread:
+    """A daemon thread that purges entries older than keep_days now and then once a day, until `stop`."""
 
     def purge() -> None:
-        while True:
+        while not stop.is_set():
             try:
                 removed = store.purge(time.time() - keep_days * 86400)
                 if removed:
                     log.info("quarantine: %d entries older than %d days removed", removed, keep_days)
             except (OSError, QuarantineError) as e:
                 log.warning("quarantine: purge of %s failed: %s", store.directory, getattr(e, "strerror", None) or e)
-            time.sleep(interval)
+            stop.wait(interval)
 
     thread = threading.Thread(target=purge, name="quarantine-purge", daemon=True)
     thread.start()
