@@ -27,6 +27,7 @@ from .sql import SqlSettings, check_sql
 from .tomlschema import POSITIVE, ConfigError, build, read_toml
 
 DEFAULT_PATH = Path("/etc/milterd/milterd.toml")
+MAX_MESSAGE_TIMEOUT = 240.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class MilterSettings:
     spool_dir: str = ""  # where spooled messages go ("" = the system temp dir)
     max_concurrent: int = field(default=32, metadata=POSITIVE)  # messages evaluated at once; more wait for a slot
     stop_timeout: float = field(default=30.0, metadata=POSITIVE)  # SIGTERM: seconds transactions in flight get
+    # seconds from end of message to the reply, waiting for a slot included; well below Postfix's
+    # milter_content_timeout (300 s), or Postfix gives up first
+    message_timeout: float = field(default=120.0, metadata=POSITIVE)
     timeout: int = 600  # seconds libmilter waits on an idle MTA connection
     log_file: str = ""  # "" = stderr in the foreground, syslog (mail facility) as a daemon
     log_level: typing.Literal["debug", "info", "warning", "error"] = "info"
@@ -120,6 +124,11 @@ def load_config(path: Path | None = None) -> Config:
             parse_nameserver(nameserver)
         except ValueError as e:
             raise ConfigError(f"{path}: dns.nameservers: {e}") from None
+    if sections["milter"].message_timeout > MAX_MESSAGE_TIMEOUT:
+        raise ConfigError(
+            f"{path}: milter.message_timeout must be at most {MAX_MESSAGE_TIMEOUT:g} s, well below Postfix's"
+            " milter_content_timeout (300 s): past it Postfix has given up on the reply"
+        )
     for i, network in enumerate(sections["milter"].mynetworks):
         try:
             ipaddress.ip_network(network, strict=False)

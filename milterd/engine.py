@@ -24,7 +24,7 @@ from .findings import Finding, Summary, summarize
 from .lookups import LookupFailed, PolicyLookups, Recipient, Transaction
 from .message import Envelope, Message, header_section, split_header_section
 from .notify import Notifier
-from .pipeline import Pipeline
+from .pipeline import Overloaded, Pipeline
 from .policy import Category, Policy, Reply, Verdict, decide, format_score, kept
 from .quarantine import DirectoryStore, Entry, QuarantineError, SqlStore, new_id, open_store, purge_daily
 from .sanitize import address, printable
@@ -33,6 +33,7 @@ log = logging.getLogger("milterd")
 
 INTERNAL_ERROR = Reply("451", "4.3.0", "Temporary local problem, try again later")
 LOOKUP_FAILED = Reply("451", "4.3.0", "Temporary lookup failure, try again later")
+OVERLOADED = Reply("451", "4.3.2", "Too busy, try again later")
 QUARANTINE_FAILED = Reply("451", "4.3.0", "Temporary local problem (quarantine), try again later")
 
 
@@ -94,6 +95,7 @@ class Engine:
         self.rules = config.rules
         self.hostname = config.milter.hostname
         self.pipeline = Pipeline(checks, config.milter.max_concurrent)
+        self.message_timeout = config.milter.message_timeout
         self.signer = signer
         self.lookups = lookups
         self._users = 0  # transactions that hold this engine (Session); a retired engine closes at 0
@@ -110,8 +112,11 @@ class Engine:
         """Run the checks once, then decide per group of recipients with equal policies.
 
         `recipients`: with the policies the milter settled at RCPT time; None looks them up for the
-        envelope's recipients (scan). A check every recipient bypasses is not run.
+        envelope's recipients (scan). A check every recipient bypasses is not run. Everything is
+        bounded by [milter] message_timeout from the moment the message is handed over.
         """
+        if message.deadline is None:
+            message.deadline = time.monotonic() + self.message_timeout
         if recipients is None:
             txn = transaction(message.envelope)
             try:
@@ -120,7 +125,11 @@ class Engine:
                 return self._tempfail(message, LOOKUP_FAILED, f"lookup failed: {e}")
         policies = [r.policy for r in recipients] or [self.rules.policy]
         skip = {name: "bypass" for name, flag in self.bypass.items() if all(getattr(p, flag) for p in policies)}
-        findings = self.pipeline.run(message, skip)
+        try:
+            findings = self.pipeline.run(message, skip)
+        except Overloaded as e:
+            log.warning("%s: 451: %s", printable(message.envelope.queue_id, 40) or "NOQUEUE", e)
+            return self._tempfail(message, OVERLOADED, str(e))
         found = summarize(findings)
         groups = [self._outcome(message, findings, found, group) for group in _grouped(recipients, self.rules)]
         return Disposition(message, findings, found, tuple(groups))

@@ -13,6 +13,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -164,6 +165,7 @@ class Message:
 
     envelope: Envelope
     spool: Spool
+    deadline: float | None = None  # time.monotonic() by which the reply is due ([milter] message_timeout)
     _inspection: Inspection | None = field(default=None, init=False, repr=False)
     _header_section: bytes | None = field(default=None, init=False, repr=False)
     _inspecting: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -171,6 +173,12 @@ class Message:
     @property
     def size(self) -> int:
         return self.spool.size
+
+    def time_left(self, limit: float) -> float:
+        """Seconds a check may still spend: its own `limit`, or less when the message's deadline is nearer."""
+        if self.deadline is None:
+            return limit
+        return max(0.0, min(limit, self.deadline - time.monotonic()))
 
     def open(self) -> BinaryIO:
         return self.spool.reader()

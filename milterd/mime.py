@@ -175,7 +175,7 @@ class Walker:
                 _malloc_trim(0)
 
     def _inspect(self, message) -> Inspection:
-        walk = _Walk(self.limits, message.size, self.identify)
+        walk = _Walk(self.limits, message.size, self.identify, message.time_left(self.limits.timeout))
         try:
             with message.open() as stream:
                 root = walk.parse(stream, "message")
@@ -200,8 +200,9 @@ class Walker:
 class _Walk:
     """The state of one walk: what was found, and what is left of each limit."""
 
-    def __init__(self, limits: Limits, size: int, identify: Callable[[bytes], str]):
+    def __init__(self, limits: Limits, size: int, identify: Callable[[bytes], str], timeout: float):
         self.limits = limits
+        self.timeout = timeout
         self.identify = identify
         self.quota = max(
             limits.min_expansion_quota,
@@ -209,7 +210,7 @@ class _Walk:
             min(limits.max_expansion_quota, size * limits.max_expansion_factor),
         )
         self.expanded = 0
-        self.deadline = time.monotonic() + limits.timeout
+        self.deadline = time.monotonic() + timeout
         self.parts: list[Part] = []
         self.unchecked: list[str] = []
         self.defects: list[str] = []
@@ -218,7 +219,7 @@ class _Walk:
 
     def tick(self, where: str) -> None:
         if time.monotonic() > self.deadline:
-            raise _Stop(f"timeout {self.limits.timeout:g} s exceeded at {where}")
+            raise _Stop(f"timeout {self.timeout:g} s exceeded at {where}")
 
     def spend(self, size: int, where: str) -> None:
         self.expanded += size

@@ -1,7 +1,9 @@
 """Run every enabled check on a message concurrently, each within its deadline.
 
 A message costs its slowest check, not the sum. A check that raises, hangs or is skipped still
-yields a Finding that says so; nothing here raises into the caller.
+yields a Finding that says so; nothing here raises into the caller but Overloaded. No check gets
+more than the message has left ([milter] message_timeout): a check still running then is
+abandoned (its finding says so), and its own I/O ends by the same deadline.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from .sanitize import printable
 log = logging.getLogger(__name__)
 
 
+class Overloaded(Exception):
+    """No evaluation slot came free before the message's deadline."""
+
+
 class Pipeline:
     """Shared by all sessions. `max_concurrent` messages are evaluated at once; more wait.
 
@@ -29,17 +35,27 @@ class Pipeline:
     which would eat its deadline.
     """
 
-    def __init__(self, checks: Sequence[Check], max_concurrent: int = 32):
+    def __init__(self, checks: Sequence[Check], max_concurrent: int = 32, abandoned=None):
+        """`abandoned(check name)` is told of every check the deadline cut off (metrics)."""
         self.checks = tuple(checks)
+        self.max_concurrent = max_concurrent
+        self._abandoned = abandoned or (lambda name: None)
         self._slots = threading.BoundedSemaphore(max_concurrent)
         self._pool = ThreadPoolExecutor(
             max_workers=max(1, max_concurrent * len(self.checks)), thread_name_prefix="check"
         )
 
     def run(self, message: Message, skip: Mapping[str, str] | None = None) -> dict[str, Finding]:
-        """Every check's finding; those named in `skip` are not run, their finding says why (e.g. bypass)."""
-        with self._slots:
+        """Every check's finding; those named in `skip` are not run, their finding says why (e.g. bypass).
+
+        Overloaded when every slot stays busy until the message's deadline.
+        """
+        if not self._slots.acquire(timeout=message.time_left(float("inf")) if message.deadline else None):
+            raise Overloaded(f"all {self.max_concurrent} evaluation slots busy until message_timeout")
+        try:
             return self._run(message, skip or {})
+        finally:
+            self._slots.release()
 
     def _run(self, message: Message, skip: Mapping[str, str]) -> dict[str, Finding]:
         started: dict[str, tuple[Check, Future, float]] = {}
@@ -52,12 +68,17 @@ class Pipeline:
         def collect(name: str) -> Finding:
             if name not in results:
                 check, future, t0 = started.pop(name)
+                own = max(0.0, t0 + check.timeout - time.monotonic())
                 try:
-                    results[name] = future.result(timeout=max(0.0, t0 + check.timeout - time.monotonic()))
+                    results[name] = future.result(timeout=message.time_left(own))
                 except FutureTimeout:
-                    results[name] = check.finding(
-                        "timeout", detail=f"no answer in {check.timeout:g}s", elapsed=time.monotonic() - t0
-                    )
+                    elapsed = time.monotonic() - t0
+                    if message.time_left(own) < own:  # the message's deadline, not the check's own
+                        self._abandoned(name)
+                        detail = f"abandoned at message_timeout after {elapsed:.1f}s"
+                    else:
+                        detail = f"no answer in {check.timeout:g}s"
+                    results[name] = check.finding("timeout", detail=detail, elapsed=elapsed)
             return results[name]
 
         for check in self.checks:

@@ -88,7 +88,8 @@ class ClamavCheck(Check):
             return self.finding("unchecked", detail=f"larger than max_size ({message.size} > {self.max_size} bytes)")
         failures = []
         for address in self.addresses:
-            clam = scanner(address, self.timeout)  # per scan: the clamd package keeps the socket on the object
+            timeout = message.time_left(self.timeout)
+            clam = scanner(address, timeout)  # per scan: the clamd package keeps the socket on the object
             try:
                 with message.open() as stream:
                     line = clam.scan_stream(stream)
@@ -96,7 +97,7 @@ class ClamavCheck(Check):
                 failures.append(str(e))
                 continue
             except TimeoutError:
-                return self.finding("timeout", detail=f"{address}: no answer in {self.timeout:g}s")
+                return self.finding("timeout", detail=f"{address}: no answer in {timeout:g}s")
             except OSError as e:
                 failures.append(f"{address}: {e.strerror or e}")
                 continue

@@ -173,13 +173,14 @@ class DccCheck(Check):
         )
 
     def run(self, message: Message) -> Finding:
-        deadline = time.monotonic() + self.timeout
+        timeout = message.time_left(self.timeout)
+        deadline = time.monotonic() + timeout
         key = message.sha256()
         reply = self.cache.get(key)
         cached = reply is not None
         if reply is None:
             try:
-                sock = _connect(self.socket_path, self.timeout)
+                sock = _connect(self.socket_path, timeout)
             except TimeoutError:
                 return self.finding("unavailable", detail=printable(f"{self.socket_path}: connect timed out", 300))
             except OSError as e:
@@ -187,7 +188,7 @@ class DccCheck(Check):
             try:
                 reply = parse_reply(_exchange(sock, message, deadline))
             except TimeoutError:
-                return self.finding("timeout", detail=f"dccifd: no answer in {self.timeout:g}s")
+                return self.finding("timeout", detail=f"dccifd: no answer in {timeout:g}s")
             except (OSError, DccError) as e:
                 return self.finding("error", detail=printable(f"dccifd: {e}", 300))
             finally:

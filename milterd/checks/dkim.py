@@ -138,7 +138,7 @@ class DkimCheck(Check):
         except (dkim.DKIMException, IndexError) as e:  # a header line dkimpy cannot split: nothing can be verified
             return self._ok((), printable(f"header section not parsed: {e}"))
         signatures = [value for name, value in verifier.headers if name.lower() == b"dkim-signature"]
-        keys = _Keys(self.dnsfunc, time.monotonic() + self.dns_budget)
+        keys = _Keys(self.dnsfunc, time.monotonic() + message.time_left(self.dns_budget))
         results = tuple(_verify(verifier, i, value, keys) for i, value in enumerate(signatures[:MAX_SIGNATURES]))
         more = len(signatures) - MAX_SIGNATURES
         return self._ok(results, f"{more} more signatures not verified" if more > 0 else "")

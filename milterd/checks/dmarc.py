@@ -246,7 +246,7 @@ class DmarcCheck(Check):
             domain = from_domain(message)
         except FromError as e:
             return self._result(earlier, "permerror", "", detail=str(e))
-        deadline = time.monotonic() + self.dns_budget
+        deadline = time.monotonic() + message.time_left(self.dns_budget)
         org = self.org_domain(domain)
         try:
             records, where = self._records(domain, deadline), domain

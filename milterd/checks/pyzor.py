@@ -156,7 +156,7 @@ class PyzorCheck(Check):
         )
 
     def run(self, message: Message) -> Finding:
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + message.time_left(self.timeout)
         if message.size > self.max_size:  # as spamc would not have given it to SpamAssassin's Pyzor plugin
             return self.finding("skipped", detail=f"message of {message.size} bytes is over max_size {self.max_size}")
         with message.open() as stream:

@@ -209,9 +209,10 @@ class RazorCheck(Check):
         cached = answer is not None
         if answer is None:
             try:
-                answer = parse_output(*_run(self.argv, message.open, self.timeout))
+                timeout = message.time_left(self.timeout)
+                answer = parse_output(*_run(self.argv, message.open, timeout))
             except TimeoutError:
-                return self.finding("timeout", detail=f"razor-check gave no answer in {self.timeout:g}s")
+                return self.finding("timeout", detail=f"razor-check gave no answer in {timeout:g}s")
             except RazorError as e:
                 return self.finding("unavailable", detail=str(e))
             except OSError as e:  # not installed, not executable

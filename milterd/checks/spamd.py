@@ -119,7 +119,8 @@ class SpamdCheck(Check):
         failures = []
         for address in self.addresses:
             try:
-                sock = _connect(address, self.timeout)
+                timeout = message.time_left(self.timeout)
+                sock = _connect(address, timeout)
             except TimeoutError:
                 failures.append(f"{address}: connect timed out")
                 continue
@@ -129,7 +130,7 @@ class SpamdCheck(Check):
             try:
                 score, required, tests = parse_reply(self._exchange(sock, message, self._user))
             except TimeoutError:
-                return self.finding("timeout", detail=f"{address}: no answer in {self.timeout:g}s")
+                return self.finding("timeout", detail=f"{address}: no answer in {timeout:g}s")
             except (OSError, SpamdError) as e:
                 return self.finding("error", detail=printable(f"{address}: {e}"))
             finally:

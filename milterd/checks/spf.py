@@ -135,7 +135,8 @@ class SpfCheck(Check):
         if not sender and not env.helo:
             return self.finding("skipped", detail="null sender and no HELO name")
         try:  # the null sender checks postmaster@HELO (RFC 7208 2.4): pyspf does that itself
-            query = spf.query(i=env.client_ip, s=sender, h=env.helo, timeout=self.dns_budget, querytime=self.dns_budget)
+            budget = message.time_left(self.dns_budget)
+            query = spf.query(i=env.client_ip, s=sender, h=env.helo, timeout=budget, querytime=budget)
         except spf.PermError as e:  # the client address is not an IP address
             return self.finding("error", detail=printable(f"client address {env.client_ip}: {e}"))
         if "." not in query.o.strip(".") or query.o.startswith("["):  # RFC 7208 4.3: none, without a lookup
