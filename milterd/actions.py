@@ -14,21 +14,24 @@ RESULT = {
 }
 
 
-def apply(ctx: Milter.Base, outcome: Outcome) -> int:
+def apply(ctx: Milter.Base, outcome: Outcome, leading_space: bool = False) -> int:
     """Carry out `outcome` on the milter context at end of message; returns the milter result code.
 
-    Its header edits are made only when the message is accepted.
+    Its header edits are made only when the message is accepted. `leading_space`: SMFIP_HDR_LEADSPC
+    was negotiated, so the MTA writes a value as given: ours get the space after the colon.
     """
+    space = " " if leading_space else ""
     verdict = outcome.verdict
     if verdict.reply is not None:
         ctx.setreply(verdict.reply.code, verdict.reply.xcode, verdict.reply.text)
     if verdict.action != "accept":
         return RESULT[verdict.action]
     for edit in outcome.edits:
+        value = space + edit.value if edit.value else ""  # "" deletes a header
         if edit.op == "change":
-            ctx.chgheader(edit.name, edit.index, edit.value)
+            ctx.chgheader(edit.name, edit.index, value)
         elif edit.op == "insert":
-            ctx.addheader(edit.name, edit.value, edit.index)
+            ctx.addheader(edit.name, value, edit.index)
         else:
-            ctx.addheader(edit.name, edit.value)
+            ctx.addheader(edit.name, value)
     return Milter.ACCEPT

@@ -130,8 +130,21 @@ class Session(Milter.Base):
     @Milter.noreply
     @Milter.decode("bytes")
     def header(self, name, value):
-        self.spool.write(name.encode("ascii", "replace") + b": " + _LINE_END.sub(b"\r\n", value) + b"\r\n")
+        """With SMFIP_HDR_LEADSPC the value comes as sent, its leading space included ("Subject:x"
+        stays so, and DKIM's simple canonicalization verifies); an MTA without it drops that space."""
+        separator = b":" if self.leading_space else b": "
+        self.spool.write(name.encode("ascii", "replace") + separator + _LINE_END.sub(b"\r\n", value) + b"\r\n")
         return Milter.CONTINUE
+
+    @classmethod
+    def protocol_mask(cls) -> int:
+        """pymilter turns SMFIP_HDR_LEADSPC off; milterd asks for it (Postfix offers it)."""
+        return super().protocol_mask() & ~Milter.P_HDR_LEADSPC
+
+    @property
+    def leading_space(self) -> bool:
+        """Header values come and go with their leading white space (negotiated SMFIP_HDR_LEADSPC)."""
+        return bool(getattr(self, "_protocol", 0) & Milter.P_HDR_LEADSPC)
 
     def _end_headers(self) -> None:
         """The blank line after the headers, written at the first body chunk or at end of message:
@@ -164,11 +177,11 @@ class Session(Milter.Base):
         try:
             try:
                 disposition = engine.evaluate(message, self.rcpts)
-                result = actions.apply(self, disposition.outcome)
+                result = actions.apply(self, disposition.outcome, self.leading_space)
             except Exception as e:  # never lose a message to a bug: the sender retries
                 log.error("%s: internal error: %s: %s", queue_id, type(e).__name__, e, exc_info=True)
                 disposition = engine.failed(message, e)
-                result = actions.apply(self, disposition.outcome)
+                result = actions.apply(self, disposition.outcome, self.leading_space)
             try:
                 engine.after_reply(disposition)
             except Exception as e:  # the reply is decided: what follows it must not change it

@@ -267,8 +267,9 @@ end
 
 local conn = message("%(gtube)s", "pills")
 assert(mt.getreply(conn) == SMFIR_ACCEPT, "GTUBE should be accepted under PASS")
-assert(mt.eom_check(conn, MT_HDRINSERT, "X-Spam-Flag", "YES"), "no X-Spam-Flag: YES")
-assert(mt.eom_check(conn, MT_HDRCHANGE, "Subject", "***SPAM*** pills"), "Subject not tagged")
+-- miltertest offers SMFIP_HDR_LEADSPC and milterd takes it: values carry the space after the colon
+assert(mt.eom_check(conn, MT_HDRINSERT, "X-Spam-Flag", " YES"), "no X-Spam-Flag: YES")
+assert(mt.eom_check(conn, MT_HDRCHANGE, "Subject", " ***SPAM*** pills"), "Subject not tagged")
 assert(mt.eom_check(conn, MT_HDRCHANGE, "X-Spam-Flag", ""), "forged X-Spam-Flag not removed")
 mt.disconnect(conn)
 

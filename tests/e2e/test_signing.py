@@ -5,8 +5,10 @@ header changes (X-Spam-* removed and added, Subject tag) included.
 
 from __future__ import annotations
 
+import smtplib
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import dkim
 import pytest
@@ -139,3 +141,34 @@ def test_spam_is_delivered_tagged_but_never_signed(mta):
     delivered = send(mta, "signing", body=GTUBE, subject="cheap pills")
     assert value(delivered, "Subject") == ["***SPAM*** cheap pills"]
     assert value(delivered, "DKIM-Signature") == []
+
+
+def test_simple_canonicalization_over_headers_as_sent_verifies(mta):
+    """SMFIP_HDR_LEADSPC: "Subject:x" and a header with two spaces reach the verifier exactly as sent,
+    so a simple/simple signature over them passes (milterd used to rebuild them as "Subject: x")."""
+    postfix, milterds, _ = mta
+    sender = f"bob@{DOMAIN}"
+    token = new_token()
+    raw = (
+        (
+            f"From: Bob <{sender}>\r\nTo: user@example.com\r\nSubject:x\r\nX-Two:  two spaces\r\n"
+            f"Date: Mon, 1 Jan 2024 00:00:00 +0000\r\nMessage-ID: <{token.decode()}@{DOMAIN}>\r\n\r\n"
+        ).encode()
+        + b"Hello.\r\n"
+        + token
+        + b"\r\n"
+    )
+    key = (Path(postfix.config_directory).parents[1] / "keys" / f"{DOMAIN}.e2e-rsa.key").read_bytes()
+    signature = dkim.sign(
+        raw, b"e2e-rsa", DOMAIN.encode(), key, canonicalize=(b"simple", b"simple"),
+        include_headers=[b"from", b"to", b"subject", b"x-two", b"date", b"message-id"],
+    )  # fmt: skip
+    with smtplib.SMTP("127.0.0.1", postfix.ports["outside"], timeout=60) as smtp:
+        smtp.ehlo()
+        assert smtp.docmd("XCLIENT", "ADDR=198.51.100.1 NAME=mail.remote.test")[0] == 220  # not originating
+        smtp.ehlo("mail.remote.test")
+        smtp.sendmail(sender, ["user@example.com"], signature + raw)
+    delivered = postfix.wait_delivered(token)
+    results = " ".join(value(delivered, "Authentication-Results"))
+    assert f"dkim=pass header.d={DOMAIN}" in results and "header.s=e2e-rsa" in results
+    assert b"\nSubject:x\n" in delivered.replace(b"\r\n", b"\n") and b"X-Two:  two spaces" in delivered

@@ -108,11 +108,12 @@ def expected_calls(edits) -> list[tuple]:
     """The libmilter calls an edit means: chgheader(name, index, value); insheader is addheader with
     the position; addheader without one (-1) appends."""
     calls = {
-        "change": lambda e: ("chgheader", e.name, e.index, e.value),
-        "insert": lambda e: ("addheader", e.name, e.value, e.index),
-        "add": lambda e: ("addheader", e.name, e.value, -1),
+        "change": lambda e, v: ("chgheader", e.name, e.index, v),
+        "insert": lambda e, v: ("addheader", e.name, v, e.index),
+        "add": lambda e, v: ("addheader", e.name, v, -1),
     }
-    return [calls[e.op](e) for e in edits]
+    # SMFIP_HDR_LEADSPC is negotiated: the MTA writes values as given, so ours carry their space
+    return [calls[e.op](e, " " + e.value if e.value else "") for e in edits]
 
 
 @pytest.fixture
@@ -181,8 +182,8 @@ def send(ctx, raw: bytes, *rcpts: str, sender="someone@remote.test", before_data
     if before_data:
         before_data()
     assert ctx._data() == Milter.CONTINUE
-    for name, value in ctx._msg.items():
-        assert ctx._header(name, value) == Milter.CONTINUE
+    for name, value in ctx._msg.items():  # as Postfix sends them with SMFIP_HDR_LEADSPC: space included
+        assert ctx._header(name, " " + value) == Milter.CONTINUE
     assert ctx._eoh() == Milter.CONTINUE
     assert ctx._feed_body(io.BytesIO(raw.partition(b"\r\n\r\n")[2])) == Milter.CONTINUE
     return answers, ctx._eom()
@@ -211,6 +212,20 @@ def test_negotiation_skips_the_replies_of_noreply_callbacks_and_the_eoh_callback
     for step in (Milter.P_NR_RCPT, Milter.P_NR_DATA):  # RCPT may defer; DATA answers (no delayed-ACK stall)
         assert not ctx._protocol & step, hex(step)
     assert ctx._protocol & Milter.P_NOEOH
+    assert ctx._protocol & Milter.P_HDR_LEADSPC  # header values exactly as sent
+
+
+def test_header_values_are_spooled_exactly_as_sent(ctx, engine, monkeypatch):
+    """ "Subject:x" and "Subject:  two" reach the checks as they were on the wire (DKIM simple c14n)."""
+    seen = decisions(engine, monkeypatch)
+    connect(ctx)
+    assert ctx._envfrom("<a@remote.test>") == Milter.CONTINUE
+    assert ctx._envrcpt("<alice@example.com>") == Milter.CONTINUE
+    for name, value in (("From", " a@remote.test"), ("Subject", "x"), ("X-Two", "  two"), ("Date", " Mon, 1 Jan 2024")):
+        ctx._header(name, value)
+    ctx._feed_body(io.BytesIO(b"hi\r\n"))
+    ctx._eom()
+    assert seen[0].message.header_section().startswith(b"From: a@remote.test\r\nSubject:x\r\nX-Two:  two\r\n")
 
 
 # 1. A clean message
@@ -294,7 +309,7 @@ def test_bad_header_passes_with_x_amavis_alert_inserted_on_top(ctx, engine, monk
     assert outcome.verdict.category is Category.BAD_HEADER
     assert outcome.edits == (Edit("insert", "X-Amavis-Alert", outcome.edits[0].value, 0),)
     assert ctx.calls == expected_calls(outcome.edits)
-    assert ctx._msg["X-Amavis-Alert"].startswith("BAD HEADER SECTION, Missing required header field")
+    assert ctx._msg["X-Amavis-Alert"].startswith(" BAD HEADER SECTION, Missing required header field")
 
 
 # 2. A banned attachment
@@ -517,21 +532,21 @@ def test_apply_tempfail_and_discard_make_no_edits(action, reply, result):
 
 def test_apply_accept_makes_change_insert_and_add_edits_in_order():
     base, ctx = milter_at_eom(FORGED)
-    assert actions.apply(base, outcome("accept", edits=EDITS)) == Milter.ACCEPT
-    assert ctx.calls == [
+    assert actions.apply(base, outcome("accept", edits=EDITS), leading_space=True) == Milter.ACCEPT
+    assert ctx.calls == [  # SMFIP_HDR_LEADSPC: the MTA writes values as given, so each has its space
         ("chgheader", "X-Spam-Flag", 1, ""),
-        ("chgheader", "Subject", 1, "***SPAM*** hello"),
-        ("addheader", "X-Virus-Scanned", "milterd at mx.example.com", 0),
-        ("addheader", "X-Extra", "at the end", -1),
+        ("chgheader", "Subject", 1, " ***SPAM*** hello"),
+        ("addheader", "X-Virus-Scanned", " milterd at mx.example.com", 0),
+        ("addheader", "X-Extra", " at the end", -1),
     ]
     assert ctx.calls == expected_calls(EDITS)
     # What TestCtx itself made of them: the flag gone; the rest appended in call order (it ignores
     # indexes, and a chgheader with a value appends rather than replaces).
     assert ctx._headerschanged and ctx._msg["X-Spam-Flag"] is None
     assert ctx._msg.items()[-3:] == [
-        ("Subject", "***SPAM*** hello"),
-        ("X-Virus-Scanned", "milterd at mx.example.com"),
-        ("X-Extra", "at the end"),
+        ("Subject", " ***SPAM*** hello"),
+        ("X-Virus-Scanned", " milterd at mx.example.com"),
+        ("X-Extra", " at the end"),
     ]
 
 
@@ -564,4 +579,4 @@ def test_transaction_keeps_the_engine_it_started_with(ctx, engine, make_engine, 
     assert len(first) == 1 and len(second) == 1
     assert second[0].outcome.verdict.category is Category.BANNED
     assert ctx.calls == expected_calls(second[0].outcome.edits)
-    assert ctx._msg["X-Amavis-Alert"].startswith("BANNED, message contains")
+    assert ctx._msg["X-Amavis-Alert"].startswith(" BANNED, message contains")
