@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     for each in (qlist, qshow, qpurge):
         each.add_argument("--config", type=Path, help="config file (default /etc/milterd/milterd.toml)")
 
+    status = sub.add_parser("status", help="sessions in flight and backends, as amavisd-nanny ([metrics] listen)")
+    status.add_argument("--config", type=Path, help="config file (default /etc/milterd/milterd.toml)")
+
     reload = sub.add_parser("reload", help="tell the running milterd (its pidfile) to re-read its configuration")
     reload.add_argument("--config", type=Path, help="config file (default /etc/milterd/milterd.toml)")
 
@@ -113,6 +116,15 @@ def main(argv: list[str] | None = None) -> int:
         return _quarantine(config, args)
     if args.command == "reload":
         return _reload(config)
+    if args.command == "status":
+        from .metrics import StatusError, status_lines
+
+        try:
+            print("\n".join(status_lines(config.metrics.listen)))
+        except StatusError as e:
+            print(f"milterd: status: {e}", file=sys.stderr)
+            return EXIT_BLOCKED
+        return EXIT_OK
     return _run(config, args)
 
 
@@ -250,11 +262,13 @@ def _check_config(config, show: bool) -> int:
 
 def _run(config, args) -> int:
     from .engine import build_engine
+    from .metrics import Metrics
     from .service import Service
 
     settings = config.milter
+    metrics = Metrics()
     try:
-        engine = build_engine(config)  # keys are read here, before the daemon drops root
+        engine = build_engine(config, metrics=metrics)  # keys are read here, before the daemon drops root
     except ConfigError as e:
         print(f"milterd: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -280,9 +294,9 @@ def _run(config, args) -> int:
         fresh = load_config(args.config)
         for warning in unmet_needs(fresh):
             log.warning("%s", warning)
-        return build_engine(fresh)
+        return build_engine(fresh, metrics=metrics)
 
-    return Service(engine, load).run()
+    return Service(engine, load, metrics).run()
 
 
 # A reporter: (raw message, is spam) -> its failures, one line each; empty when every server took it.

@@ -20,6 +20,7 @@ from typing import Any
 from .checks import registry
 from .dkimsign import SigningSettings, check_signing
 from .dns import parse_nameserver
+from .metrics import MetricsSettings, check_metrics
 from .notify import NotifySettings, parse_notify
 from .quarantine import QuarantineSettings
 from .rules import Rules, load_rules
@@ -74,6 +75,7 @@ class Config:
     sql: SqlSettings = field(default_factory=SqlSettings)
     quarantine: QuarantineSettings = field(default_factory=QuarantineSettings)
     notify: NotifySettings = field(default_factory=NotifySettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     checks: Mapping[str, Any] = field(default_factory=dict)  # check name -> its settings ([name])
     given: frozenset[str] = field(default=frozenset(), compare=False)  # "section.key"s the file sets
 
@@ -94,6 +96,7 @@ _SECTIONS = {
     "dns": DnsSettings,
     "sql": SqlSettings,
     "quarantine": QuarantineSettings,
+    "metrics": MetricsSettings,
 }
 
 
@@ -136,6 +139,7 @@ def load_config(path: Path | None = None) -> Config:
             raise ConfigError(f"{path}: milter.mynetworks[{i}]: {network!r} is not a network (CIDR)") from None
     check_signing(sections["signing"], path)
     check_sql(sections["sql"], path)
+    check_metrics(sections["metrics"], path)
     notify = parse_notify(data.get("notify", {}), path)
     if sections["quarantine"].store == "sql" and not sections["sql"].enabled:
         raise ConfigError(f'{path}: quarantine.store = "sql" needs [sql] dsn or dsn_file')
@@ -154,6 +158,7 @@ def load_config(path: Path | None = None) -> Config:
         sql=sections.pop("sql"),
         quarantine=sections.pop("quarantine"),
         notify=notify,
+        metrics=sections.pop("metrics"),
         checks=sections,
         given=frozenset(f"{name}.{key}" for name, table in data.items() for key in table),
     )

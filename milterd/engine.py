@@ -23,6 +23,7 @@ from .dkimsign import Signer, build_signer
 from .findings import Finding, Summary, summarize
 from .lookups import LookupFailed, PolicyLookups, Recipient, Transaction
 from .message import Envelope, Message, header_section, split_header_section
+from .metrics import Metrics
 from .notify import Notifier
 from .pipeline import Overloaded, Pipeline
 from .policy import Category, Policy, Reply, Verdict, decide, format_score, kept
@@ -88,13 +89,15 @@ class Engine:
         lookups: PolicyLookups,
         quarantine: DirectoryStore | SqlStore | None = None,
         notifier: Notifier | None = None,
+        metrics: Metrics | None = None,
     ):
         self.config = config
+        self.metrics = metrics
         self.quarantine = quarantine
         self.notifier = notifier
         self.rules = config.rules
         self.hostname = config.milter.hostname
-        self.pipeline = Pipeline(checks, config.milter.max_concurrent)
+        self.pipeline = Pipeline(checks, config.milter.max_concurrent, metrics.abandoned if metrics else None)
         self.message_timeout = config.milter.message_timeout
         self.signer = signer
         self.lookups = lookups
@@ -141,6 +144,8 @@ class Engine:
     def after_reply(self, disposition: Disposition) -> None:
         """What follows the decided reply: the log line, the admins' notification (queued, sent later)."""
         log.info("%s", log_line(disposition))
+        if self.metrics is not None:
+            self.metrics.observe(disposition)
         if self.notifier is not None:
             self.notifier.notify(disposition)
 
@@ -255,7 +260,7 @@ class Engine:
         return signatures
 
 
-def build_engine(config: Config, offline: bool = False) -> Engine:
+def build_engine(config: Config, offline: bool = False, metrics: Metrics | None = None) -> Engine:
     """The running parts made from a validated config: checks, their resolver and walker, the signer
     (its keys read), the policy lookups (the database pool), the quarantine. `offline` (scan) keeps
     no copies. ConfigError when something the config names cannot be used."""
@@ -271,7 +276,7 @@ def build_engine(config: Config, offline: bool = False) -> Engine:
     if not offline:
         quarantine = open_store(config.quarantine, path, sql)
         notifier = Notifier(config.notify, config.milter.hostname, path.parent / config.milter.rules / "notify")
-    return Engine(config, build_checks(config, Runtime(config)), signer, lookups, quarantine, notifier)
+    return Engine(config, build_checks(config, Runtime(config)), signer, lookups, quarantine, notifier, metrics)
 
 
 def transaction(envelope: Envelope) -> Transaction:

@@ -20,24 +20,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
 import typing
-import urllib.error
-import urllib.request
 from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from http.server import ThreadingHTTPServer
 from itertools import count
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import MetricsHandler
 
 from . import __version__
 from .findings import Status
@@ -46,7 +41,7 @@ from .quarantine import CATEGORIES as QUARANTINE_CATEGORIES
 from .sanitize import printable
 from .tomlschema import ConfigError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # prometheus_client, http.server and urllib are imported where used: config.py imports this
     from .config import Config
     from .engine import Disposition
 
@@ -55,6 +50,7 @@ log = logging.getLogger("milterd")
 # 1 ms .. 120 s: in-process checks take milliseconds, spamd up to its 60 s timeout, a message 120 s
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 LATENCY_WINDOW = 100  # check durations kept per check for /status (mean, p90)
+SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}  # the main thread's: reload and stop
 STATUS_TIMEOUT = 5.0  # seconds `milterd status` waits for the daemon
 OTHER = "other"  # the label value for anything outside its closed set (never expected)
 
@@ -213,6 +209,8 @@ class Metrics:
         self._checks: frozenset[str] = frozenset(_registered_checks())
         self._limit = 0
         self._last_reload = 0.0
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
         self.sessions = SessionTracker()
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.messages = Counter(
@@ -232,9 +230,7 @@ class Metrics:
         )  # fmt: skip
         self.sessions_gauge = Gauge("milterd_sessions", "SMTP sessions in flight", registry=registry)
         self.sessions_gauge.set_function(lambda: len(self.sessions))
-        self.sessions_limit_gauge = Gauge(
-            "milterd_sessions_limit", "SMTP sessions served at once", registry=registry
-        )
+        self.sessions_limit_gauge = Gauge("milterd_sessions_limit", "SMTP sessions served at once", registry=registry)
         self.recipients_deferred = Counter(
             "milterd_recipients_deferred", "Recipients deferred with 452 4.5.3 (their policy differs)",
             registry=registry,
@@ -438,28 +434,34 @@ def _latency(durations: deque[float]) -> dict:
 # ---- serving
 
 
-class _Handler(MetricsHandler):
-    """prometheus_client's /metrics handler, plus /status; nothing logged per request."""
+def _handler(metrics: Metrics) -> type:
+    """prometheus_client's /metrics handler (OpenMetrics when asked, gzip when accepted), plus /status."""
+    from prometheus_client.exposition import MetricsHandler
 
-    metrics: Metrics
+    class _Handler(MetricsHandler):
+        """prometheus_client's /metrics handler, plus /status; nothing logged per request."""
 
-    def do_GET(self) -> None:
-        path = urlsplit(self.path).path
-        if path == "/metrics":
-            return super().do_GET()
-        if path == "/status":
-            body = json.dumps(self.metrics.status()).encode()
-            return self._send(200, "application/json", body)
-        if path == "/":
-            return self._send(200, "text/plain; charset=utf-8", b"milterd: /metrics, /status\n")
-        return self._send(404, "text/plain; charset=utf-8", b"not found\n")
+        metrics: Metrics
 
-    def _send(self, code: int, kind: str, body: bytes) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        def do_GET(self) -> None:
+            path = urlsplit(self.path).path
+            if path == "/metrics":
+                return super().do_GET()
+            if path == "/status":
+                body = json.dumps(self.metrics.status()).encode()
+                return self._send(200, "application/json", body)
+            if path == "/":
+                return self._send(200, "text/plain; charset=utf-8", b"milterd: /metrics, /status\n")
+            return self._send(404, "text/plain; charset=utf-8", b"not found\n")
+
+        def _send(self, code: int, kind: str, body: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return type("MilterdMetricsHandler", (_Handler,), {"registry": metrics.registry, "metrics": metrics})
 
 
 class MetricsServer:
@@ -468,15 +470,25 @@ class MetricsServer:
     def __init__(self, metrics: Metrics, listen: str):
         host, port = parse_listen(listen)
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-        handler = type("MilterdMetricsHandler", (_Handler,), {"registry": metrics.registry, "metrics": metrics})
+        from http.server import ThreadingHTTPServer
+
+        handler = _handler(metrics)
         server_class = type("MetricsHTTPServer", (ThreadingHTTPServer,), {"address_family": family})
         server_class.daemon_threads = True
         self.httpd = server_class((host, port), handler)
         self.address: tuple[str, int] = self.httpd.server_address[:2]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="milterd-metrics", daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="milterd-metrics", daemon=True
+        )
 
     def start(self) -> MetricsServer:
-        self.thread.start()
+        """Serve from a thread that blocks the signals the main thread handles (reload, stop), as do the
+        request threads it starts, so the kernel never hands SIGHUP or SIGTERM to one of them."""
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        try:
+            self.thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         return self
 
     def close(self) -> None:
@@ -503,7 +515,7 @@ def status_url(listen: str) -> str:
     if listen.startswith(("http://", "https://")):
         return listen if urlsplit(listen).path not in ("", "/") else listen.rstrip("/") + "/status"
     if not listen:
-        raise StatusError("metrics are off: set [metrics] listen (for example \"127.0.0.1:9469\") in milterd.toml")
+        raise StatusError('metrics are off: set [metrics] listen (for example "127.0.0.1:9469") in milterd.toml')
     try:
         host, port = parse_listen(listen)
     except ValueError as e:
@@ -514,6 +526,9 @@ def status_url(listen: str) -> str:
 
 def fetch_status(url: str, timeout: float = STATUS_TIMEOUT) -> dict:
     """The /status JSON; StatusError when milterd is not reachable or answers something else."""
+    import urllib.error
+    import urllib.request
+
     url = status_url(url)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (our own URL)
@@ -522,7 +537,9 @@ def fetch_status(url: str, timeout: float = STATUS_TIMEOUT) -> dict:
         raise StatusError(f"{url}: HTTP {e.code}: is that milterd's [metrics] listen?") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise StatusError(f"milterd is not reachable at {url}: {reason} (is it running? is [metrics] listen right?)") from None
+        raise StatusError(
+            f"milterd is not reachable at {url}: {reason} (is it running? is [metrics] listen right?)"
+        ) from None
     except ValueError as e:
         raise StatusError(f"{url}: not milterd's status: {e}") from None
 
@@ -549,7 +566,9 @@ def format_status(status: Mapping[str, Any]) -> list[str]:
     if not sessions:
         lines.append(f"{'':>8}  (no session in flight)")
     width = max([len(b["address"]) for b in backends] + [len("ADDRESS")])
-    lines.append(f"{'CHECK':<8}  {'ADDRESS':<{width}}  {'STATE':<7} {'SINCE':>7}  {'N':>4} {'MEAN':>8} {'P90':>8}  LAST")
+    lines.append(
+        f"{'CHECK':<8}  {'ADDRESS':<{width}}  {'STATE':<7} {'SINCE':>7}  {'N':>4} {'MEAN':>8} {'P90':>8}  LAST"
+    )
     for b in backends:
         latency = b.get("latency", {})
         state = b["state"].upper() if b["state"] == "down" else b["state"] or "-"

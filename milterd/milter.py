@@ -23,6 +23,7 @@ from . import actions
 from .engine import Engine
 from .lookups import LookupFailed, Recipient, Transaction
 from .message import Envelope, Message, Spool
+from .metrics import Metrics
 from .sanitize import address, printable
 
 log = logging.getLogger("milterd")
@@ -35,6 +36,7 @@ class Session(Milter.Base):
     """One SMTP connection; a transaction starts at MAIL FROM and ends at end of message or abort."""
 
     engine: Engine  # the current Engine: the service sets it, a reload swaps it (this one reference)
+    metrics: Metrics = Metrics()  # the process's; the service sets it
     stopping = False  # the service is stopping: new transactions are deferred
     in_flight = 0  # transactions started and not yet ended, in every session
     _count = threading.Lock()
@@ -45,6 +47,7 @@ class Session(Milter.Base):
         self.spool: Spool | None = None
         self.transaction_engine: Engine | None = None
         self.in_body = False
+        self.sid = self.metrics.sessions.start()
         self._new_transaction(None)
 
     def _new_transaction(self, mail_from: str | None) -> None:
@@ -85,12 +88,14 @@ class Session(Milter.Base):
     @Milter.noreply
     def hello(self, hostname):
         self.helo = hostname or ""
+        self.metrics.sessions.stage(self.sid, "helo")
         return Milter.CONTINUE
 
     @Milter.noreply
     def envfrom(self, mail_from, *params):
         self._new_transaction(mail_from.strip("<>"))
         self.auth_user = self.getsymval("{auth_authen}") or ""
+        self.metrics.sessions.stage(self.sid, "mail", self.getsymval("i") or "")
         return Milter.CONTINUE
 
     def envrcpt(self, rcpt, *params):
@@ -102,6 +107,7 @@ class Session(Milter.Base):
         policy applies to all, as amavis' milter does. A lookup that fails defers the recipient
         (451 4.3.0): it is never taken for non-local because the database was away.
         """
+        self.metrics.sessions.stage(self.sid, "rcpt")
         if Session.stopping:
             self.setreply("451", "4.3.2", "milterd is stopping, try again later")
             return Milter.TEMPFAIL
@@ -109,11 +115,14 @@ class Session(Milter.Base):
         try:
             recipient = self.transaction_engine.recipient(rcpt.strip("<>"), txn)
         except LookupFailed as e:
+            self.metrics.lookup(False)
             log.warning("%s: %s: lookup failed, 451: %s", self._queue_id(), address(rcpt), e)
             self.setreply("451", "4.3.0", "Temporary lookup failure, try again later")
             return Milter.TEMPFAIL
+        self.metrics.lookup(True)
         if self.rcpts and recipient.policy != self.rcpts[0].policy:
             if self.smtp and not recipient.originating:
+                self.metrics.deferred()
                 self.setreply("452", "4.5.3", "Too many recipients: please send this one separately")
                 return Milter.TEMPFAIL
             log.info("%s: recipients require different policies; the first recipient's applies", self._queue_id())
@@ -125,6 +134,7 @@ class Session(Milter.Base):
         return printable(self.getsymval("i") or "", 40) or "NOQUEUE"
 
     def data(self):
+        self.metrics.sessions.stage(self.sid, "data")
         return Milter.CONTINUE
 
     @Milter.noreply
@@ -160,6 +170,7 @@ class Session(Milter.Base):
         return Milter.CONTINUE
 
     def eom(self):
+        self.metrics.sessions.stage(self.sid, "eom")
         self._end_headers()
         engine = self.transaction_engine
         envelope = Envelope(
@@ -189,13 +200,16 @@ class Session(Milter.Base):
             return result
         finally:
             self._new_transaction(None)
+            self.metrics.sessions.stage(self.sid, "idle")
 
     def abort(self):
         self._new_transaction(None)
+        self.metrics.sessions.stage(self.sid, "idle")
         return Milter.CONTINUE
 
     def close(self):
         self._new_transaction(None)
+        self.metrics.sessions.end(self.sid)
         return Milter.CONTINUE
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import Milter
 
 from .engine import Engine
+from .metrics import Metrics, serve_metrics
 from .milter import Session, limit_malloc_arenas, run_milter
 from .tomlschema import ConfigError
 
@@ -35,10 +36,12 @@ RESTART_ONLY = ("listen", "user", "timeout")  # [milter] settings a reload canno
 class Service:
     """One milterd process: the current Engine, reloads, a clean stop."""
 
-    def __init__(self, engine: Engine, load: Callable[[], Engine]):
+    def __init__(self, engine: Engine, load: Callable[[], Engine], metrics: Metrics):
         """`load()` builds a new Engine from the configuration files (ConfigError when they are wrong)."""
         self.engine = engine
         self.load = load
+        self.metrics = metrics
+        self.metrics_server = None
         self._wake = threading.Event()
         self._reload = self._stop = False
         self._failed: BaseException | None = None
@@ -46,7 +49,17 @@ class Service:
     def run(self) -> int:
         limit_malloc_arenas()
         Session.engine = self.engine
+        Session.metrics = self.metrics
         Session.stopping = False
+        self.metrics.configure(self.engine.config)
+        self.metrics.sessions_limit(self.engine.config.milter.max_concurrent)
+        if listen := self.engine.config.metrics.listen:
+            try:
+                self.metrics_server = serve_metrics(self.metrics, listen)
+            except OSError as e:
+                log.error("cannot serve metrics on %s: %s", listen, e.strerror or e)
+                self.engine.close()
+                return EXIT_FAILED
         for sig in SIGNALS:
             signal.signal(sig, self._signalled)
         milter = threading.Thread(target=self._serve, name="milter")
@@ -73,15 +86,20 @@ class Service:
             new = self.load()
         except (ConfigError, OSError) as e:
             log.error("reload refused, the running configuration stays: %s", e)
+            self.metrics.reload(False)
             return False
         old = self.engine.config.milter
         for name in RESTART_ONLY:
             if getattr(new.config.milter, name) != getattr(old, name):
                 log.warning("reload: [milter] %s changed: it takes effect at the next restart", name)
+        if new.config.metrics.listen != self.engine.config.metrics.listen:
+            log.warning("reload: [metrics] listen changed: it takes effect at the next restart")
         new.start()
         previous, self.engine = self.engine, new
         Session.engine = new
         previous.retire()
+        self.metrics.configure(new.config)
+        self.metrics.reload(True)
         log.info("reloaded %s in %.0f ms", new.config.path, (time.monotonic() - started) * 1000)
         return True
 
@@ -114,5 +132,7 @@ class Service:
         if Session.in_flight > 0:
             log.warning("stopped with %d transactions unfinished after %g s", Session.in_flight, timeout)
         self.engine.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         log.info("milterd stopped")
         return EXIT_OK
