@@ -80,6 +80,7 @@ class ClamavCheck(Check):
         self.addresses = tuple(addresses)
         self.timeout = timeout
         self.max_size = max_size
+        _scanner_classes()  # the clamd package, loaded when the engine is built, not by the first message
 
     def run(self, message: Message) -> Finding:
         import clamd

@@ -117,6 +117,8 @@ class DkimCheck(Check):
         `points`: rules/scores.toml's [dkim]; `domain_points`: [dkim_domains], points for a passing
         signature of these domains (amavis' whitelist_auth habit).
         """
+        import dkim  # noqa: F401  dkimpy, loaded when the engine is built, not by the first message
+
         self.dnsfunc = dnsfunc
         self.dns_budget = timeout
         self.timeout = timeout + 1

@@ -154,6 +154,7 @@ class PyzorCheck(Check):
         self.cache: TtlCache[Counts] = (
             cache if cache is not None else TtlCache(PyzorSettings.cache_ttl, PyzorSettings.cache_entries)
         )
+        _client_class()  # pyzor, loaded when the engine is built, not by the first message
 
     def run(self, message: Message) -> Finding:
         deadline = time.monotonic() + message.time_left(self.timeout)
