@@ -23,12 +23,12 @@ import email.utils
 import logging
 import os
 import re
-import stat
 import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .secretfile import SecretFileError, read_secret
 from .tomlschema import POSITIVE, ConfigError
 
 log = logging.getLogger("milterd")
@@ -215,16 +215,9 @@ def load_key(path: Path, domain: str, selector: str) -> Key:
     from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as e:
-        raise KeyFileError(f"cannot read {path}: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(f.fileno()).st_mode
-        if not stat.S_ISREG(mode):
-            raise KeyFileError(f"{path} is not a regular file")
-        if mode & stat.S_IROTH:
-            raise KeyFileError(f"{path} is readable by everyone (mode {stat.S_IMODE(mode):04o}): chmod 600 it")
-        data = f.read(1 << 16)
+        data = read_secret(path, 1 << 16)
+    except SecretFileError as e:
+        raise KeyFileError(str(e)) from None
     try:
         private = serialization.load_pem_private_key(data, password=None)
     except TypeError:

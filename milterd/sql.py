@@ -8,9 +8,7 @@ never holds the password.
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 from .cache import TtlCache
 from .lookups import LookupFailed
 from .sanitize import printable
+from .secretfile import SecretFileError, read_secret
 from .tomlschema import POSITIVE, ConfigError
 
 # Outside quoted strings: %k, a ? placeholder, or a colon SQLAlchemy would read as a bind name.
@@ -63,18 +62,10 @@ def read_dsn(settings: SqlSettings, path: Path) -> str:
     """The DSN, from the config or its file; a file others can read is refused (it holds a password)."""
     if settings.dsn:
         return settings.dsn
-    file = path.parent / settings.dsn_file
     try:
-        fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as e:
-        raise ConfigError(f"{path}: sql.dsn_file: cannot read {file}: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(f.fileno()).st_mode
-        if mode & stat.S_IROTH:
-            raise ConfigError(
-                f"{path}: sql.dsn_file: {file} is readable by everyone (mode {stat.S_IMODE(mode):04o}): chmod 600 it"
-            )
-        return f.read(4096).decode("utf-8", "replace").strip()
+        return read_secret(path.parent / settings.dsn_file, 4096).decode("utf-8", "replace").strip()
+    except SecretFileError as e:
+        raise ConfigError(f"{path}: sql.dsn_file: {e}") from None
 
 
 def bind(query: str, keys: int, placeholder: str = "rid") -> tuple[str, list[str]]:
