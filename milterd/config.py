@@ -39,7 +39,11 @@ class MilterSettings:
     hostname: str = field(default_factory=socket.getfqdn)  # for X-Virus-Scanned
     spool_threshold: int = 1 << 20  # bytes of a message kept in memory; the rest goes to a temp file
     spool_dir: str = ""  # where spooled messages go ("" = the system temp dir)
-    max_concurrent: int = field(default=32, metadata=POSITIVE)  # messages evaluated at once; more wait for a slot
+    # SMTP sessions served at once: messages evaluated at once, each holding one of libmilter's worker
+    # threads for its whole evaluation (eom blocks); more wait for a slot, in that thread, inside their
+    # message_timeout. 100 = Postfix's default_process_limit, so with a stalled backend no message of a
+    # default Postfix spends its budget waiting for a slot instead of being checked.
+    max_concurrent: int = field(default=100, metadata=POSITIVE)
     stop_timeout: float = field(default=30.0, metadata=POSITIVE)  # SIGTERM: seconds transactions in flight get
     # seconds from end of message to the reply, waiting for a slot included; well below Postfix's
     # milter_content_timeout (300 s), or Postfix gives up first

@@ -35,7 +35,7 @@ class Pipeline:
     which would eat its deadline.
     """
 
-    def __init__(self, checks: Sequence[Check], max_concurrent: int = 32, abandoned=None):
+    def __init__(self, checks: Sequence[Check], max_concurrent: int = 100, abandoned=None):
         """`abandoned(check name)` is told of every check the deadline cut off (metrics)."""
         self.checks = tuple(checks)
         self.max_concurrent = max_concurrent

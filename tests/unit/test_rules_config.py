@@ -246,7 +246,7 @@ def test_an_empty_config_file_is_every_default(tmp_path):
     assert config.milter.listen == "inet:8891@127.0.0.1"
     assert config.clamav.socket == ("/run/clamav/clamd.ctl",)
     assert config.spamd.address == ("127.0.0.1:783",)
-    assert (config.spamd.max_size, config.milter.max_concurrent) == (512000, 32)
+    assert (config.spamd.max_size, config.milter.max_concurrent) == (512000, 100)
 
 
 def test_no_config_file_anywhere_is_the_built_in_defaults(tmp_path, monkeypatch):
