@@ -31,6 +31,9 @@ log = logging.getLogger("milterd")
 SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
 EXIT_OK, EXIT_FAILED = 0, 1
 RESTART_ONLY = ("listen", "user", "timeout")  # [milter] settings a reload cannot change
+# libmilter writes a callback's reply after the callback returned, and a transaction counts as
+# ended when it returns: the last replies get this long to leave before the process does
+REPLY_GRACE = 0.5
 
 
 class Service:
@@ -131,6 +134,8 @@ class Service:
             time.sleep(0.05)
         if Session.in_flight > 0:
             log.warning("stopped with %d transactions unfinished after %g s", Session.in_flight, timeout)
+        else:
+            time.sleep(REPLY_GRACE)
         self.engine.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
