@@ -21,11 +21,11 @@ def apply(ctx: Milter.Base, outcome: Outcome, leading_space: bool = False) -> in
     was negotiated, so the MTA writes a value as given: ours get the space after the colon.
     """
     space = " " if leading_space else ""
-    verdict = outcome.verdict
-    if verdict.reply is not None:
-        ctx.setreply(verdict.reply.code, verdict.reply.xcode, verdict.reply.text)
-    if verdict.action != "accept":
-        return RESULT[verdict.action]
+    reply = outcome.reply
+    if reply is not None:
+        ctx.setreply(reply.code, reply.xcode, reply.text)
+    if outcome.verdict.action != "accept" and not outcome.dry_run:
+        return RESULT[outcome.verdict.action]
     for edit in outcome.edits:
         value = space + edit.value if edit.value else ""  # "" deletes a header
         if edit.op == "change":

@@ -48,6 +48,11 @@ class MilterSettings:
     # seconds from end of message to the reply, waiting for a slot included; well below Postfix's
     # milter_content_timeout (300 s), or Postfix gives up first
     message_timeout: float = field(default=120.0, metadata=POSITIVE)
+    # trying milterd beside amavis: every check runs, the verdict is logged and counted, the mail is
+    # accepted unchanged (dry_run=yes in the log line); a [[bank]] with dry_run = true does it for one
+    # port or network only
+    dry_run: bool = False
+    dry_run_header: bool = False  # in a dry run, add X-Milterd-Verdict: category, score, would-be action
     timeout: int = 600  # seconds libmilter waits on an idle MTA connection
     log_file: str = ""  # "" = stderr in the foreground, syslog (mail facility) as a daemon
     log_level: typing.Literal["debug", "info", "warning", "error"] = "info"

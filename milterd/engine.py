@@ -51,11 +51,12 @@ class Outcome:
     signatures: tuple[tuple[str, str], ...] = ()  # DKIM-Signature headers, added on top of those
     edits: tuple[header_edits.Edit, ...] = ()  # every header change, in order, signatures included
     quarantine_id: str = ""  # the kept copy's id, when one was kept
+    dry_run: bool = False  # decided, logged and counted, but the mail is accepted as it came (`edits` at most)
 
     @property
     def reply(self) -> Reply | None:
-        """The SMTP reply milterd sets; None: the MTA's own 250."""
-        return self.verdict.reply
+        """The SMTP reply milterd sets; None: the MTA's own 250 (always in a dry run)."""
+        return None if self.dry_run else self.verdict.reply
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class Engine:
         log.info("%s", log_line(disposition))
         if self.metrics is not None:
             self.metrics.observe(disposition)
-        if self.notifier is not None:
+        if self.notifier is not None and not disposition.outcome.dry_run:
             self.notifier.notify(disposition)
 
     def start(self) -> None:
@@ -202,6 +203,8 @@ class Engine:
         if bypassed:
             found = summarize({n: f for n, f in findings.items() if n not in bypassed})
         verdict = decide(found, policy)
+        if self.config.milter.dry_run or policy.dry_run:
+            return self._dry_run(rcpts, policy, verdict, originating)
         category = kept(policy, verdict) if self.quarantine is not None else ""
         quarantine_id = ""
         if category:
@@ -216,6 +219,16 @@ class Engine:
         signatures = tuple(self._signatures(message, found, verdict, originating, incoming, edits))
         edits += header_edits.on_top(signatures)
         return Outcome(rcpts, policy, verdict, originating, headers, tag, signatures, tuple(edits), quarantine_id)
+
+    def _dry_run(self, rcpts: tuple[str, ...], policy: Policy, verdict: Verdict, originating: bool) -> Outcome:
+        """What would have happened, for the log and the metrics; the mail passes unchanged (no copy
+        kept, nobody notified), with X-Milterd-Verdict on top when [milter] dry_run_header says so."""
+        edits: tuple[header_edits.Edit, ...] = ()
+        if self.config.milter.dry_run_header:
+            score = "-" if verdict.spam_score is None else format_score(verdict.spam_score)
+            value = f"category={verdict.category.name} score={score} action={verdict.action}"
+            edits = tuple(header_edits.on_top([("X-Milterd-Verdict", value)]))
+        return Outcome(rcpts, policy, verdict, originating, edits=edits, dry_run=True)
 
     def _keep(self, message: Message, rcpts: tuple[str, ...], verdict: Verdict, category: str) -> tuple[str, Verdict]:
         """Keep a copy before the reply; the reply of a refused message ends with its id. A copy that
@@ -311,7 +324,8 @@ def log_line(disposition: Disposition) -> str:
         f"from={address(env.mail_from)},",
         f"to={','.join(address(r) for r in env.rcpts)},",
         f"size={message.size}, category={verdict.category.name}, score={score},",
-        f"action={verdict.action}, reply={f'{reply.code} {reply.xcode}' if reply else '250'},",
+        f"action={verdict.action}, reply={f'{reply.code} {reply.xcode}' if reply else '250'},"
+        + (" dry_run=yes," if disposition.outcome.dry_run else ""),  # action= would have been; reply= was
         f"checks=[{checks}]",
     ]
     bank, quarantine_id = disposition.outcome.policy.bank, disposition.outcome.quarantine_id

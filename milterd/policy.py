@@ -92,6 +92,8 @@ class Policy:
     bypass_banned_checks: bool = False
     bypass_spam_checks: bool = False
     bypass_header_checks: bool = False
+    # decide and log, but accept every message unchanged ([milter] dry_run for all; a bank for one port)
+    dry_run: bool = False
     # Set per recipient by the lookups, never in policy.toml:
     local: bool = field(default=False, metadata=INTERNAL)  # gets spam headers and Subject tags
     sender_list: Literal["", "W", "B"] = field(default="", metadata=INTERNAL)  # the sender white- or blacklisted
