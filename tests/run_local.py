@@ -189,6 +189,8 @@ def main() -> int:
             print(f.read(), end="")
         raise RuntimeError(f"milterd exited with status {milterd.returncode}")
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second signal (make passes one on) must not
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # cut the cleanup short
         print("\nstopping ...")
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
         print(f"error: {e}")
