@@ -12,9 +12,15 @@ Results (RFC 8601 names):
   than one where the lookup stopped (RFC 7489 6.6.3: no DMARC processing).
 - temperror: a policy lookup got no answer, or no aligned pass yet but an aligned DKIM or SPF
   result is temperror or its check did not answer: a DNS hiccup never turns into a fail.
-- permerror: the message has no From field, several, or one naming several domains (RFC 7489
-  6.6.1 lets a receiver reject such mail; we report it); or the record has no valid p= (or an
-  invalid sp=) and no valid rua= (6.6.3 step 6; with a valid rua= it counts as p=none).
+- permerror: the message has no From field, several (RFC 5322 allows one; 6.6.1 lets a receiver
+  reject such mail, we report it), no address with a domain, more than MAX_FROM_DOMAINS domains;
+  or an address whose domain is not a domain name; or the record has no valid p= (or an invalid
+  sp=) and no valid rua= (6.6.3 step 6; with a valid rua= it counts as p=none).
+
+A From field with several authors (RFC 5322 3.6.2) in several domains is evaluated for each domain
+and the strictest result is applied (RFC 7489 6.6.1), see `strictest`: that one is the result
+reported, in the log and in Authentication-Results (header.from= its domain), it decides the
+points, and a fail under p=reject asks for a reject. The other domains' results are in the detail.
 
 When DKIM or SPF was skipped (a message over [dkim] max_size, `scan` without a client address)
 and nothing aligned passed, the check is skipped too: a fail it could not establish is not a fail.
@@ -36,7 +42,7 @@ import email.policy
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.utils import getaddresses
 from typing import ClassVar, Literal
 
@@ -99,8 +105,12 @@ _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[^\s!,]+(?:![0-9]+[kmgtKMGT]?)?")  #
 _DOMAIN = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*")
 
 
+# A From field naming more domains is not evaluated (permerror): each costs up to two DNS lookups.
+MAX_FROM_DOMAINS = 10
+
+
 class FromError(ValueError):
-    """The message has no single From domain to evaluate."""
+    """The message has no From domain to evaluate."""
 
 
 class RecordError(ValueError):
@@ -158,8 +168,13 @@ def is_dmarc_record(text: str) -> bool:
     return _VERSION.match(text) is not None
 
 
-def from_domain(message: Message) -> str:
-    """The RFC5322.From domain, lower-case, IDNA A-labels; FromError when there is not exactly one."""
+def from_domains(message: Message) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The RFC5322.From domains (lower-case, IDNA A-labels, each once, in the order of the field), and
+    why any other address cannot be evaluated ("x is not a domain name").
+
+    FromError when there is nothing to evaluate: no From field, several From fields, no address with
+    a domain, no address with a valid domain, or more than MAX_FROM_DOMAINS domains.
+    """
     header = message.header_section()
     parsed = email.parser.HeaderParser(policy=email.policy.compat32).parsestr(
         header.decode("utf-8", "replace"), headersonly=True
@@ -169,12 +184,24 @@ def from_domain(message: Message) -> str:
         raise FromError("no From field")
     if len(fields) > 1:
         raise FromError(f"{len(fields)} From fields")
-    domains = {_normalise(address.rpartition("@")[2]) for _, address in getaddresses(fields) if "@" in address}
+    domains: list[str] = []
+    problems: list[str] = []
+    for _, address in getaddresses(fields):
+        if "@" not in address:
+            continue
+        try:
+            domain = _normalise(address.rpartition("@")[2])
+        except FromError as e:
+            if str(e) not in problems:
+                problems.append(str(e))
+        else:
+            if domain not in domains:
+                domains.append(domain)
     if not domains:
-        raise FromError("no address with a domain in From")
-    if len(domains) > 1:
-        raise FromError(f"From names {len(domains)} domains: " + ", ".join(sorted(domains)))
-    return domains.pop()
+        raise FromError(problems[0] if problems else "no address with a domain in From")
+    if len(domains) > MAX_FROM_DOMAINS:
+        raise FromError(f"From names {len(domains)} domains: more than {MAX_FROM_DOMAINS} are not evaluated")
+    return tuple(domains), tuple(problems)
 
 
 def _normalise(domain: str) -> str:
@@ -186,6 +213,41 @@ def _normalise(domain: str) -> str:
     if len(ascii_name) > 253 or not _DOMAIN.fullmatch(ascii_name):
         raise FromError(f"{text} is not a domain name")
     return ascii_name
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A From domain without a result: DKIM or SPF was skipped and nothing aligned passed."""
+
+    domain: str
+    detail: str
+
+
+Outcome = DmarcResult | Skipped
+
+
+def severity(outcome: Outcome) -> int:
+    """How strict an outcome is; `strictest` picks the highest.
+
+    7 fail under p=reject, 6 fail under p=quarantine, 5 fail under p=none: any fail beats every
+    other result, and the policy that asks for more beats the one that asks for less.
+    4 temperror: no fail, but one might be a fail once DNS answers.
+    3 skipped (DKIM or SPF could not be checked): one might be a fail, and nothing says so.
+    2 permerror: a broken record, or an address that is not a domain name.
+    1 none: no DMARC record.
+    0 pass: the message passes only when every From domain passes.
+    """
+    if isinstance(outcome, Skipped):
+        return 3
+    if outcome.result == "fail":
+        return 5 + POLICIES.index(outcome.disposition)
+    return {"temperror": 4, "permerror": 2, "none": 1, "pass": 0}[outcome.result]
+
+
+def strictest(outcomes: list[Outcome]) -> Outcome:
+    """RFC 7489 6.6.1 for a From field with several domains: the strictest result (see `severity`),
+    the first in the From field among equals."""
+    return max(outcomes, key=severity)  # max keeps the first of equal keys
 
 
 @register(
@@ -243,32 +305,44 @@ class DmarcCheck(Check):
 
     def run_after(self, message: Message, earlier: Mapping[str, Finding]) -> Finding:
         try:
-            domain = from_domain(message)
+            domains, problems = from_domains(message)
         except FromError as e:
-            return self._result(earlier, "permerror", "", detail=str(e))
+            return self._finding(earlier, DmarcResult("permerror", "", detail=str(e)))
         deadline = time.monotonic() + message.time_left(self.dns_budget)
+        outcomes: list[Outcome] = [self._domain(message, earlier, domain, deadline) for domain in domains]
+        outcomes += [DmarcResult("permerror", "", detail=problem) for problem in problems]
+        chosen = strictest(outcomes)
+        others = [_summary(o) for o in outcomes if o is not chosen]
+        if others:
+            chosen = replace(chosen, detail=f"{chosen.detail}; other From domains: {', '.join(others)}")
+        if isinstance(chosen, Skipped):
+            return self.finding("skipped", detail=printable(chosen.detail, 200))
+        return self._finding(earlier, chosen)
+
+    def _domain(self, message: Message, earlier: Mapping[str, Finding], domain: str, deadline: float) -> Outcome:
+        """DMARC for one From domain: its policy (the domain's record, else its organizational domain's)."""
         org = self.org_domain(domain)
         try:
             records, where = self._records(domain, deadline), domain
             if not records and org != domain:
                 records, where = self._records(org, deadline), org
         except DnsError as e:
-            return self._result(earlier, "temperror", domain, detail=f"policy lookup: {e}")
+            return DmarcResult("temperror", domain, detail=f"policy lookup: {e}")
         if not records:
             tried = f"_dmarc.{domain}" + (f" nor at _dmarc.{org}" if org != domain else "")
-            return self._result(earlier, "none", domain, detail=f"no DMARC record at {tried}")
+            return DmarcResult("none", domain, detail=f"no DMARC record at {tried}")
         if len(records) > 1:
-            return self._result(earlier, "none", domain, detail=f"{len(records)} DMARC records at _dmarc.{where}")
+            return DmarcResult("none", domain, detail=f"{len(records)} DMARC records at _dmarc.{where}")
         try:
             record = parse_record(records[0])
         except RecordError as e:
-            return self._result(earlier, "permerror", domain, detail=f"_dmarc.{where}: {e}")
+            return DmarcResult("permerror", domain, detail=f"_dmarc.{where}: {e}")
         policy = record.sp if where != domain and record.sp else record.p
         return self._evaluate(message, earlier, domain, record, policy)
 
     def _evaluate(
         self, message: Message, earlier: Mapping[str, Finding], domain: str, record: Record, policy: str
-    ) -> Finding:
+    ) -> Outcome:
         passed: list[str] = []  # aligned identifiers that passed
         unknown: list[str] = []  # why an aligned pass cannot be ruled out
         transient = False
@@ -313,14 +387,14 @@ class DmarcCheck(Check):
             notes.append(f"pct={record.pct} not applied")
         if passed:
             detail = "; ".join(["aligned: " + ", ".join(passed), *notes])
-            return self._result(earlier, "pass", domain, policy, detail=detail)
+            return DmarcResult("pass", domain, policy, detail=detail)  # type: ignore[arg-type]
         if transient:
             detail = "no aligned pass yet: " + ", ".join(unknown)
-            return self._result(earlier, "temperror", domain, policy, detail="; ".join([detail, *notes]))
+            return DmarcResult("temperror", domain, policy, detail="; ".join([detail, *notes]))  # type: ignore[arg-type]
         if unknown:
-            return self.finding("skipped", detail=printable("no aligned pass, and " + ", ".join(unknown), 200))
+            return Skipped(domain, "no aligned pass, and " + ", ".join(unknown))
         detail = "no aligned DKIM or SPF pass" + (": " + ", ".join(seen) if seen else "")
-        return self._result(earlier, "fail", domain, policy, policy, detail="; ".join([detail, *notes]))
+        return DmarcResult("fail", domain, policy, policy, detail="; ".join([detail, *notes]))  # type: ignore[arg-type]
 
     def _records(self, domain: str, deadline: float) -> list[str]:
         """The DMARC records at _dmarc.<domain> (other TXT records there are not DMARC's)."""
@@ -330,17 +404,9 @@ class DmarcCheck(Check):
         )
         return [text for text in texts if is_dmarc_record(text)]
 
-    def _result(
-        self,
-        earlier: Mapping[str, Finding],
-        result: str,
-        domain: str,
-        policy: str = "",
-        disposition: str = "none",
-        detail: str = "",
-    ) -> Finding:
+    def _finding(self, earlier: Mapping[str, Finding], outcome: DmarcResult) -> Finding:
         """The result with its points, DKIM_VALID_AU among them; a fail under p=reject asks for a reject."""
-        dmarc = DmarcResult(result, printable(domain, 255), policy, disposition, printable(detail, 200))  # type: ignore[arg-type]
+        dmarc = replace(outcome, domain=printable(outcome.domain, 255), detail=printable(outcome.detail, 200))
         signed_by = {
             r.domain.lower()
             for f in earlier.values()
@@ -348,12 +414,24 @@ class DmarcCheck(Check):
             if r.method == "dkim" and r.result == "pass"
         }
         symbols = []
-        if domain and domain in signed_by:
+        if outcome.domain and outcome.domain in signed_by:
             symbols.append((DKIM_SCORES["valid_author"][0], self.points["dkim"]["valid_author"]))
-        key = {"pass": "pass", "none": "missing", "fail": disposition}.get(result)
+        key = {"pass": "pass", "none": "missing", "fail": outcome.disposition}.get(outcome.result)
         if key:
             symbols.append((SCORES[key][0], self.points["dmarc"][key]))
-        reject = f"DMARC policy of {dmarc.domain} is reject" if result == "fail" and disposition == "reject" else ""
+        reject = ""
+        if outcome.result == "fail" and outcome.disposition == "reject":
+            reject = f"DMARC policy of {dmarc.domain} is reject"
         return scored(
             self.name, "ok", symbols, critical=self.critical, authentication=(dmarc,), policy_reject=reject, data=dmarc
         )
+
+
+def _summary(outcome: Outcome) -> str:
+    """'example.net fail (policy reject)', 'example.org pass', 'permerror ([192.0.2.1] is not a domain name)'."""
+    if isinstance(outcome, Skipped):
+        return f"{outcome.domain} skipped"
+    if not outcome.domain:
+        return f"permerror ({outcome.detail})"
+    policy = f" (policy {outcome.policy})" if outcome.result == "fail" else ""
+    return f"{outcome.domain} {outcome.result}{policy}"

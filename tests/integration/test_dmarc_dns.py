@@ -124,3 +124,18 @@ def test_scan_reports_dmarc_in_json_and_authentication_results(nameserver, tmp_p
     }
     [authentication] = [value for name, value in record["headers"] if name == "Authentication-Results"]
     assert f"dmarc=pass header.from={ORG}" in authentication
+
+
+def test_two_from_domains_one_failing_under_reject_is_a_reject(pipeline):
+    """RFC 7489 6.6.1: each From domain is evaluated and the strictest result applies."""
+    data = dkimkeys.message(sender=f"alice@{ORG}").replace(
+        f"From: Alice <alice@{ORG}>".encode(), f"From: Alice <alice@{ORG}>, CEO <ceo@{PLAIN}>".encode()
+    )
+    signed = dkimkeys.sign(data, dkimkeys.rsa(), f"mail.{ORG}", "rsa")  # aligned with ORG only
+    findings = pipeline.run(message(signed, mail_from=f"bounce@{OTHER}", client_ip=STRANGER, helo=f"mx.{OTHER}"))
+    finding = findings["dmarc"]
+    got = finding.data
+    assert (got.result, got.domain, got.policy, got.disposition) == ("fail", PLAIN, "reject", "reject")
+    assert finding.policy_reject == f"DMARC policy of {PLAIN} is reject"
+    assert got.detail.endswith(f"; other From domains: {ORG} pass")
+    assert [s for s, _ in finding.symbols] == ["DMARC_REJECT"]

@@ -22,7 +22,7 @@ def decided(findings: dict[str, Finding], policy: Policy, hostname: str) -> tupl
 
 def dmarc(result: str, domain: str, policy: str, disposition: str) -> Finding:
     """The DMARC check's finding for this result (its points, and a reject asked for by p=reject)."""
-    return DmarcCheck(lambda *_: [])._result({}, result, domain, policy, disposition)
+    return DmarcCheck(lambda *_: [])._finding({}, DmarcResult(result, domain, policy, disposition))  # type: ignore[arg-type]
 
 
 def test_dkim_and_spf_results_in_one_header():

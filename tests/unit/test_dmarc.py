@@ -12,7 +12,19 @@ import pytest
 
 from milterd.checks import Check, build_checks
 from milterd.checks.dkim import UNSIGNED, DkimResult
-from milterd.checks.dmarc import DmarcCheck, DmarcSettings, FromError, Record, RecordError, from_domain, parse_record
+from milterd.checks.dmarc import (
+    MAX_FROM_DOMAINS,
+    DmarcCheck,
+    DmarcResult,
+    DmarcSettings,
+    FromError,
+    Record,
+    RecordError,
+    Skipped,
+    from_domains,
+    parse_record,
+    strictest,
+)
 from milterd.checks.spf import SpfResult
 from milterd.config import load_config
 from milterd.dns import DnsError
@@ -94,7 +106,7 @@ REJECT = {"_dmarc.example.com.": ["v=DMARC1; p=reject; rua=mailto:dmarc@example.
     ],
 )
 def test_from_domain(headers, domain):
-    assert from_domain(message(headers + "To: bob@example.net\n")) == domain
+    assert from_domains(message(headers + "To: bob@example.net\n")) == ((domain,), ())
 
 
 @pytest.mark.parametrize(
@@ -102,8 +114,12 @@ def test_from_domain(headers, domain):
     [
         ("To: bob@example.net\n", "no From field"),
         ("From: alice@example.com\nFrom: mallory@evil.example\n", "2 From fields"),
-        ("From: alice@example.com, mallory@evil.example\n", "From names 2 domains: evil.example, example.com"),
         ("From: undisclosed\n", "no address with a domain in From"),
+        ("From: undisclosed-recipients:;\n", "no address with a domain in From"),
+        (
+            "From: " + ", ".join(f"a@d{n}.example" for n in range(MAX_FROM_DOMAINS + 1)) + "\n",
+            f"From names {MAX_FROM_DOMAINS + 1} domains: more than {MAX_FROM_DOMAINS} are not evaluated",
+        ),
         ("From: alice@[192.0.2.1]\n", "[192.0.2.1] is not a domain name"),
         ("From: alice@example..com\n", "example..com is not a domain name"),
         ("From: alice@-bad.example\n", "-bad.example is not a domain name"),
@@ -111,13 +127,93 @@ def test_from_domain(headers, domain):
 )
 def test_from_problems_are_permerror(headers, problem):
     with pytest.raises(FromError, match=problem.replace("[", r"\[").replace(".", r"\.")):
-        from_domain(message(headers))
+        from_domains(message(headers))
     finding = DmarcCheck(Zone({}), 1).run_after(message(headers), {})
     assert finding.data.result == "permerror" and problem in finding.data.detail
 
 
 def test_from_in_the_body_is_not_the_from_field():
-    assert from_domain(message("From: alice@example.com\nSubject: x\n\nFrom: mallory@evil.example\n")) == "example.com"
+    got = from_domains(message("From: alice@example.com\nSubject: x\n\nFrom: mallory@evil.example\n"))
+    assert got == (("example.com",), ())
+
+
+# --------------------------------------------------------------------------- several From domains
+
+
+def test_from_domains_in_order_each_once_with_the_addresses_that_are_not_domains():
+    got = from_domains(message("From: a@B.example, b@a.example, c@b.example, d@[192.0.2.1], e@x..example\n"))
+    assert got == (("b.example", "a.example"), ("[192.0.2.1] is not a domain name", "x..example is not a domain name"))
+
+
+FAILING = {  # nothing aligned passes for these (the default DKIM and SPF findings): each fails with its policy
+    "_dmarc.bank.example.": ["v=DMARC1; p=reject"],
+    "_dmarc.shop.example.": ["v=DMARC1; p=quarantine"],
+    "_dmarc.news.example.": ["v=DMARC1; p=none"],
+}
+
+
+def test_two_from_domains_one_failing_under_reject_is_a_reject():
+    finding = evaluate({**FAILING, **REJECT}, "alice@news.example, ceo@bank.example", dkim(("pass", "news.example")))
+    d = finding.data
+    assert (d.result, d.domain, d.policy, d.disposition) == ("fail", "bank.example", "reject", "reject")
+    assert finding.policy_reject == "DMARC policy of bank.example is reject"
+    assert [s for s, _ in finding.symbols] == ["DMARC_REJECT"]  # no DKIM_VALID_AU: bank.example did not sign
+    assert (
+        d.detail
+        == "no aligned DKIM or SPF pass: dkim pass d=news.example (not aligned), spf none bounce.example (not aligned)"
+        "; other From domains: news.example pass"
+    )
+    assert [r.authres().header_from for r in finding.authentication] == ["bank.example"]
+
+
+@pytest.mark.parametrize(
+    "sender, expected",
+    [
+        ("a@news.example, b@shop.example", ("fail", "shop.example", "quarantine")),  # quarantine beats none
+        ("a@shop.example, b@bank.example", ("fail", "bank.example", "reject")),
+        ("a@bank.example, b@shop.example", ("fail", "bank.example", "reject")),  # whatever the order
+        ("a@norecord.example, b@news.example", ("fail", "news.example", "none")),  # any fail beats none
+        ("a@bank.example, b@[192.0.2.1]", ("fail", "bank.example", "reject")),  # a bad address hides no fail
+        ("a@norecord.example, b@[192.0.2.1]", ("permerror", "", "")),  # permerror beats none
+        ("a@norecord.example, b@other.example", ("none", "norecord.example", "")),  # equals: the first
+    ],
+)
+def test_the_strictest_result_applies(sender, expected):
+    finding = evaluate(FAILING, sender)
+    assert (finding.data.result, finding.data.domain, finding.data.policy) == expected
+    assert bool(finding.policy_reject) is (expected[2] == "reject")
+
+
+def test_a_pass_needs_every_from_domain_to_pass():
+    records = {**FAILING, "_dmarc.example.com.": ["v=DMARC1; p=reject"], "_dmarc.example.org.": ["v=DMARC1; p=none"]}
+    both = dkim(("pass", "example.com"), ("pass", "example.org"))
+    got = evaluate(records, "a@example.com, b@example.org", both)
+    assert (got.data.result, got.data.domain) == ("pass", "example.com")
+    assert [s for s, _ in got.symbols] == ["DKIM_VALID_AU", "DMARC_PASS"]
+    got = evaluate(records, "a@example.com, b@norecord.example", both)
+    assert (got.data.result, got.data.domain) == ("none", "norecord.example")
+    assert got.data.detail.endswith("; other From domains: example.com pass")
+
+
+def test_temperror_when_one_is_temperror_and_none_fails():
+    records = {**FAILING, "_dmarc.example.com.": ["v=DMARC1; p=reject"]}
+    signed = dkim(("pass", "example.com"))
+    got = evaluate(records, "a@example.com, b@broken.example", signed, failing=("_dmarc.broken.example.",))
+    assert (got.data.result, got.data.domain) == ("temperror", "broken.example")
+    got = evaluate(records, "a@bank.example, b@broken.example", signed, failing=("_dmarc.broken.example.",))
+    assert (got.data.result, got.data.domain, got.data.disposition) == ("fail", "bank.example", "reject")
+
+
+def test_a_skipped_domain_beats_a_pass_and_none_but_not_a_fail_or_temperror():
+    records = {**FAILING, "_dmarc.example.com.": ["v=DMARC1; p=reject"]}
+    skipped = Finding("spf", "skipped", detail="no client address")
+    got = evaluate(records, "a@example.com, b@bank.example", dkim(("pass", "example.com")), skipped)
+    assert got.status == "skipped" and got.data is None
+    assert got.detail == "no aligned pass, and SPF skipped; other From domains: example.com pass"
+    outcomes = [Skipped("a.example", "x"), DmarcResult("temperror", "b.example"), DmarcResult("none", "c.example")]
+    assert strictest(outcomes) is outcomes[1]
+    fail = DmarcResult("fail", "d.example", "none", "none")
+    assert strictest([*outcomes, fail]) is fail
 
 
 # --------------------------------------------------------------------------- records
@@ -345,7 +441,7 @@ def test_the_pipeline_gives_each_message_its_own_dkim_and_spf_findings():
         name = "dkim"
 
         def run(self, message: Message) -> Finding:
-            domain = from_domain(message)
+            domain = from_domains(message)[0][0]
             time.sleep(0.05 if domain == "example.com" else 0)
             return dkim(("pass", domain))
 

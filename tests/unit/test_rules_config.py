@@ -413,7 +413,7 @@ def test_check_config_rejects_a_bad_file_with_exit_2_naming_the_key(tmp_path, co
     assert result.stdout == ""
 
 
-def test_the_shipped_banned_list_is_debian_amavis_in_order():
+def test_the_shipped_banned_list_is_debian_amavis_in_order_then_todays_blocked_types():
     rules = load_rules(SHIPPED_RULES)
     assert [r.name for r in rules.banned] == [
         "double-extension",
@@ -421,6 +421,21 @@ def test_the_shipped_banned_list_is_debian_amavis_in_order():
         "windows-program-type",
         "executable-extension",
         "windows-executable",
+        "jscript",
+        "jscript-encoded",
+        "vbscript-encoded",
+        "windows-script-file",
+        "windows-script-host-settings",
+        "html-application",
+        "powershell-script",
+        "windows-shortcut",
+        "windows-shortcut-content",
+        "iso-image",
+        "iso-image-content",
+        "disk-image",
+        "virtual-hard-disk",
+        "virtual-hard-disk-content",
+        "excel-addin",
     ]
     assert all(r.ban for r in rules.banned)
 

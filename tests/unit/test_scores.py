@@ -9,7 +9,7 @@ import pytest
 
 from milterd import render
 from milterd.checks.dkim import DkimCheck, DkimResult
-from milterd.checks.dmarc import DmarcCheck
+from milterd.checks.dmarc import DmarcCheck, DmarcResult
 from milterd.checks.spf import SpfCheck, SpfResult
 from milterd.findings import Finding, summarize
 from milterd.policy import Policy, decide
@@ -41,7 +41,7 @@ def findings(spf=None, dkim=None, dmarc=None, scores: Scores | None = None) -> d
         out["spf"] = SpfCheck(no_dns, points=scores)._ok(spf)
     if dmarc is not None:
         check = _dmarc_check() if scores is None else DmarcCheck(no_dns, points=scores)
-        out["dmarc"] = check._result(dict(out), *dmarc)
+        out["dmarc"] = check._finding(dict(out), DmarcResult(*dmarc))
     return out
 
 
