@@ -132,6 +132,29 @@ class Spool:
         return spool
 
 
+class _Prefix(io.RawIOBase):
+    """The first `size` bytes of a reader (and finally closes it)."""
+
+    def __init__(self, stream: BinaryIO, size: int):
+        self._stream, self._left = stream, size
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self._stream.close()
+        super().close()
+
+    def readinto(self, buffer) -> int:
+        want = min(len(buffer), self._left)
+        if want <= 0:
+            return 0
+        got = self._stream.readinto(memoryview(buffer)[:want])
+        self._left -= got
+        return got
+
+
 class _PReader(io.RawIOBase):
     """Reads (and finally closes) a file descriptor with pread from its own offset."""
 
@@ -168,6 +191,7 @@ class Message:
     deadline: float | None = None  # time.monotonic() by which the reply is due ([milter] message_timeout)
     _inspection: Inspection | None = field(default=None, init=False, repr=False)
     _header_section: bytes | None = field(default=None, init=False, repr=False)
+    _cuts: dict[int, int] = field(default_factory=dict, init=False, repr=False)  # max_body -> truncated size
     _inspecting: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
@@ -202,6 +226,40 @@ class Message:
         self._header_section = b"".join(lines)  # the spool does not change: read once
         return self._header_section
 
+    def truncated(self, max_body: int) -> View:
+        """The message as amavis gives SpamAssassin one over its size limit: the header section whole
+        (up to MAX_HEADER_SECTION), then at most `max_body` bytes of the body, cut after the last line
+        end (LF or CRLF) within them, or at `max_body` when the body has none there.
+
+        The view is a prefix of the raw message, streamed from the spool like the message itself:
+        finding the cut reads what is kept once, a CHUNK at a time. A message of at most `max_body`
+        bytes is whole, unread.
+        """
+        if self.size <= max_body:
+            return View(self, self.size)
+        cut = self._cuts.get(max_body)
+        if cut is None:
+            cut = self._cuts[max_body] = self._cut(max_body)  # the spool does not change: found once
+        return View(self, cut)
+
+    def _cut(self, max_body: int) -> int:
+        with self.open() as stream:
+            pos = 0
+            while pos < MAX_HEADER_SECTION:
+                line = stream.readline(MAX_HEADER_SECTION - pos)
+                pos += len(line)
+                if not line or line in (b"\r\n", b"\n"):
+                    break
+            body, limit = pos, pos + max_body
+            if limit >= self.size:
+                return self.size
+            last = body
+            while pos < limit and (chunk := stream.read(min(CHUNK, limit - pos))):
+                if (end := chunk.rfind(b"\n")) >= 0:
+                    last = pos + end + 1
+                pos += len(chunk)
+        return last if last > body else limit
+
     def sha256(self) -> str:
         """The message's digest: the key of the collaborative checks' result caches."""
         digest = hashlib.sha256()
@@ -218,3 +276,23 @@ class Message:
 
     def close(self) -> None:
         self.spool.close()
+
+
+@dataclass(frozen=True)
+class View:
+    """A prefix of a message (Message.truncated): what a check with a size limit is given."""
+
+    message: Message
+    size: int  # bytes of the message in the view
+
+    @property
+    def truncated(self) -> bool:
+        return self.size < self.message.size
+
+    def open(self) -> BinaryIO:
+        stream = self.message.open()
+        return stream if not self.truncated else io.BufferedReader(_Prefix(stream, self.size), CHUNK)
+
+    def note(self, done: str = "scored") -> str:
+        """What the finding's detail says of a truncated view: "truncated: first N of M bytes scored"."""
+        return f"truncated: first {self.size} of {self.message.size} bytes {done}"

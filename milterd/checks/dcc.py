@@ -6,7 +6,9 @@ message; half-close; dccifd answers with an overall result line, a line of one r
 recipient, and (asked with "header") its X-DCC header. DCC_CHECK hits when the Body, Fuz1 or Fuz2
 count reaches its threshold ("many" counts as 999999, as the plugin counts it). dccifd reports
 the checksums to DCC as it checks them: that is how DCC counts. Answers are cached for a minute
-by the message's SHA-256, so a burst of the same message asks once. Not critical: when dccifd
+by the message's SHA-256, so a burst of the same message asks once. A message over `max_size` is
+sent as amavis hands it to SpamAssassin's DCC plugin: its header section and the first `max_size`
+bytes of its body, cut at a line end; the finding says it was truncated. Not critical: when dccifd
 does not answer, the check only adds nothing.
 """
 
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 
 from ..cache import TtlCache
 from ..findings import Finding
-from ..message import CHUNK, Message
+from ..message import CHUNK, Message, View
 from ..sanitize import printable
 from ..tomlschema import POSITIVE
 from . import Check, register
@@ -143,6 +145,8 @@ class DccSettings:
     critical: bool = False  # cannot answer: it adds nothing, and the log and the finding say why
     socket: str = "/var/lib/dcc/dccifd"
     timeout: float = field(default=5.0, metadata=POSITIVE)
+    # past it the header section and this much of the body (cut at a line end) are sent, as amavis+SA
+    max_size: int = field(default=512000, metadata=POSITIVE)
     cache_ttl: float = 60.0  # seconds an answer is reused (a burst of the same spam asks once); 0 = no cache
     cache_entries: int = field(default=10_000, metadata=POSITIVE)  # answers kept at most, the oldest dropped first
 
@@ -154,7 +158,7 @@ class DccSettings:
     order=100,
     scores={"dcc": SCORES},
     build=lambda s, runtime: DccCheck(
-        s.socket, s.timeout, runtime.scores("dcc"), TtlCache(s.cache_ttl, s.cache_entries)
+        s.socket, s.timeout, runtime.scores("dcc"), TtlCache(s.cache_ttl, s.cache_entries), max_size=s.max_size
     ),
 )
 class DccCheck(Check):
@@ -164,8 +168,11 @@ class DccCheck(Check):
         timeout: float,
         scoring: Mapping[str, float],
         cache: TtlCache[DccReply] | None = None,
+        *,
+        max_size: int = DccSettings.max_size,
     ):
         self.socket_path = socket_path
+        self.max_size = max_size
         self.timeout = timeout
         self.scoring = dict(scoring)
         self.cache: TtlCache[DccReply] = (
@@ -175,7 +182,8 @@ class DccCheck(Check):
     def run(self, message: Message) -> Finding:
         timeout = message.time_left(self.timeout)
         deadline = time.monotonic() + timeout
-        key = message.sha256()
+        view = message.truncated(self.max_size)
+        key = message.sha256()  # the view depends only on the message, for this max_size
         reply = self.cache.get(key)
         cached = reply is not None
         if reply is None:
@@ -186,7 +194,7 @@ class DccCheck(Check):
             except OSError as e:
                 return self.finding("unavailable", detail=printable(f"{self.socket_path}: {e.strerror or e}", 300))
             try:
-                reply = parse_reply(_exchange(sock, message, deadline))
+                reply = parse_reply(_exchange(sock, message, view, deadline))
             except TimeoutError:
                 return self.finding("timeout", detail=f"dccifd: no answer in {timeout:g}s")
             except (OSError, DccError) as e:
@@ -199,6 +207,7 @@ class DccCheck(Check):
         detail = printable(
             f"Body={_shown(reply.body)} Fuz1={_shown(reply.fuz1)} Fuz2={_shown(reply.fuz2)}"
             f" (dccifd {RESULTS[reply.result]}{', cached' if cached else ''})"
+            + (f"; {view.note('checked')}" if view.truncated else "")
         )
         if is_hit(reply, self.scoring):
             points = self.scoring["points"]
@@ -221,7 +230,7 @@ def _connect(path: str, timeout: float) -> socket.socket:
     return sock
 
 
-def _exchange(sock: socket.socket, message: Message, deadline: float) -> bytes:
+def _exchange(sock: socket.socket, message: Message, view: View, deadline: float) -> bytes:
     """Send the request, half-close, read to EOF; every step within what is left of the deadline."""
 
     def within_deadline() -> None:
@@ -233,7 +242,7 @@ def _exchange(sock: socket.socket, message: Message, deadline: float) -> bytes:
     try:
         within_deadline()
         sock.sendall(request_head(message, query=already_reported(message)))
-        with message.open() as stream:
+        with view.open() as stream:
             while chunk := stream.read(CHUNK):
                 within_deadline()
                 sock.sendall(chunk)

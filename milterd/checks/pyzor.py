@@ -1,6 +1,9 @@
 """Pyzor: the message's digest looked up on the Pyzor servers, scored as SpamAssassin's Pyzor plugin does.
 
 The digest is pyzor's own (`pyzor.digest.DataDigester`), so it matches what `pyzor report` sent.
+A message over `max_size` is digested as amavis hands it to SpamAssassin's Pyzor plugin: its header
+section and the first `max_size` bytes of its body, cut at a line end (the plugin digests what it
+is given); the finding says it was truncated.
 The servers are asked in order until one answers; answers are cached for a minute, so a burst
 of the same spam asks once. Not critical: a server that does not answer only adds nothing.
 """
@@ -34,7 +37,8 @@ class PyzorSettings:
     critical: bool = False  # cannot answer: it adds nothing, and the log and the finding say why
     servers: tuple[str, ...] = field(default=("public.pyzor.org:24441",), metadata=POSITIVE)  # HOST:PORT
     timeout: float = field(default=5.0, metadata=POSITIVE)
-    max_size: int = field(default=512000, metadata=POSITIVE)  # larger ones are not digested (spamc's limit)
+    # past it the header section and this much of the body (cut at a line end) are digested, as amavis+SA
+    max_size: int = field(default=512000, metadata=POSITIVE)
     cache_ttl: float = 60.0  # seconds an answer is reused (a burst of the same spam asks once); 0 = no cache
     cache_entries: int = field(default=10_000, metadata=POSITIVE)  # answers kept at most, the oldest dropped first
 
@@ -158,9 +162,8 @@ class PyzorCheck(Check):
 
     def run(self, message: Message) -> Finding:
         deadline = time.monotonic() + message.time_left(self.timeout)
-        if message.size > self.max_size:  # as spamc would not have given it to SpamAssassin's Pyzor plugin
-            return self.finding("skipped", detail=f"message of {message.size} bytes is over max_size {self.max_size}")
-        with message.open() as stream:
+        view = message.truncated(self.max_size)  # in memory: the header section and max_size at most
+        with view.open() as stream:
             raw = stream.read()
         try:
             key = digest(raw)
@@ -174,6 +177,8 @@ class PyzorCheck(Check):
                 return failure
             self.cache.put(key, counts)
         detail = f"count {counts.count}, whitelisted {counts.wl_count} ({counts.server}{', cached' if cached else ''})"
+        if view.truncated:
+            detail += f"; {view.note('digested')}"
         if is_hit(counts.count, counts.wl_count, self.scoring):
             points = self.scoring["points"]
             return self.finding("ok", score=points, symbols=((TEST, points),), detail=detail)

@@ -6,6 +6,9 @@ log file, and below level 15, which writes debug files) and the `cf N` lines are
 RAZOR2_CHECK for a hit, RAZOR2_CF_RANGE_51_100 when a non-contention part's cf reaches `cf_min`,
 whether or not razor-check called it spam (its own `min_cf` may be higher), as SpamAssassin does.
 
+A message over `max_size` is checked as amavis hands it to SpamAssassin's Razor2 plugin: its header
+section and the first `max_size` bytes of its body, cut at a line end; the finding says it was truncated.
+
 The command runs without a shell in its own process group, the message streamed to its stdin;
 at the deadline the whole group is killed, so nothing is left behind. Answers are cached by the
 message's SHA-256. Not critical: a Razor that does not answer only adds nothing.
@@ -173,6 +176,8 @@ class RazorSettings:
     command: str = "razor-check"
     homedir: str = ""  # razor's -home (its identity and server list); "" = the running user's ~/.razor
     timeout: float = field(default=5.0, metadata=POSITIVE)
+    # past it the header section and this much of the body (cut at a line end) are checked, as amavis+SA
+    max_size: int = field(default=512000, metadata=POSITIVE)
     cache_ttl: float = 60.0  # seconds an answer is reused (a burst of the same spam asks once); 0 = no cache
     cache_entries: int = field(default=10_000, metadata=POSITIVE)  # answers kept at most, the oldest dropped first
 
@@ -184,7 +189,12 @@ class RazorSettings:
     order=90,
     scores={"razor": SCORES},
     build=lambda s, runtime: RazorCheck(
-        s.command, s.homedir, s.timeout, runtime.scores("razor"), TtlCache(s.cache_ttl, s.cache_entries)
+        s.command,
+        s.homedir,
+        s.timeout,
+        runtime.scores("razor"),
+        TtlCache(s.cache_ttl, s.cache_entries),
+        max_size=s.max_size,
     ),
 )
 class RazorCheck(Check):
@@ -195,7 +205,10 @@ class RazorCheck(Check):
         timeout: float,
         scoring: Mapping[str, float],
         cache: TtlCache[Answer] | None = None,
+        *,
+        max_size: int = RazorSettings.max_size,
     ):
+        self.max_size = max_size
         self.argv = [command, "-d", "-dl=9"] + ([f"-home={homedir}"] if homedir else [])
         self.timeout = timeout
         self.scoring = dict(scoring)
@@ -204,13 +217,14 @@ class RazorCheck(Check):
         )
 
     def run(self, message: Message) -> Finding:
-        key = message.sha256()
+        view = message.truncated(self.max_size)
+        key = message.sha256()  # the view depends only on the message, for this max_size
         answer = self.cache.get(key)
         cached = answer is not None
         if answer is None:
             try:
                 timeout = message.time_left(self.timeout)
-                answer = parse_output(*_run(self.argv, message.open, timeout))
+                answer = parse_output(*_run(self.argv, view.open, timeout))
             except TimeoutError:
                 return self.finding("timeout", detail=f"razor-check gave no answer in {timeout:g}s")
             except RazorError as e:
@@ -218,9 +232,9 @@ class RazorCheck(Check):
             except OSError as e:  # not installed, not executable
                 return self.finding("unavailable", detail=printable(f"{self.argv[0]}: {e.strerror or e}"))
             self.cache.put(key, answer)
-        return self.score(answer, cached)
+        return self.score(answer, cached, view.note("checked") if view.truncated else "")
 
-    def score(self, answer: Answer, cached: bool = False) -> Finding:
+    def score(self, answer: Answer, cached: bool = False, truncated: str = "") -> Finding:
         tests = []
         if answer.spam:
             tests.append((TEST, self.scoring["points"]))
@@ -228,6 +242,7 @@ class RazorCheck(Check):
             tests.append((CF_TEST, self.scoring["cf_points"]))
         detail = ("spam" if answer.spam else "not spam") + ("" if answer.cf is None else f", cf {answer.cf}")
         detail += ", cached" if cached else ""
+        detail += f"; {truncated}" if truncated else ""
         if not tests:
             return self.finding("ok", detail=detail)
         return self.finding("ok", score=round(sum(p for _, p in tests), 3), symbols=tuple(tests), detail=detail)

@@ -1,7 +1,9 @@
 """SpamAssassin through spamd (the spamc protocol, REPORT): score, required score and rule scores.
 
-Skipped for messages over `max_size` (as spamc and amavis do) and for messages the virus scan
-already condemned, since SpamAssassin is the costliest step by far. `tell` teaches spamd's Bayes
+A message over `max_size` is scored on its header section and the first `max_size` bytes of its
+body, cut at a line end, as amavis truncates what it gives SpamAssassin (spamc's --max-size would
+skip it, and large spam would pass unscored); the finding says so. Skipped for messages the virus
+scan already condemned, since SpamAssassin is the costliest step by far. `tell` teaches spamd's Bayes
 a message as spam or ham (the protocol's TELL, as `spamc -L spam|ham`; spamd needs --allow-tell).
 """
 
@@ -14,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..findings import Finding
-from ..message import CHUNK, Message
+from ..message import CHUNK, Message, View
 from ..sanitize import printable
 from ..tomlschema import POSITIVE, ConfigError
 from . import Check, register
@@ -76,7 +78,8 @@ class SpamdSettings:
     # HOST:PORT or a unix socket path; a list is a failover pool
     address: tuple[str, ...] = field(default=("127.0.0.1:783",), metadata=POSITIVE)
     timeout: float = field(default=60.0, metadata=POSITIVE)
-    max_size: int = 512000  # larger messages skip SpamAssassin, as spamc does
+    # past it SpamAssassin gets the header section and this much of the body (cut at a line end), as amavis
+    max_size: int = 512000
     # spamd's User: header (spamc -u): whose preferences and Bayes database; "" sends none (spamd's own user)
     user: str = ""
 
@@ -109,13 +112,12 @@ class SpamdCheck(Check):
             raise ConfigError(str(e)) from None
 
     def skip_reason(self, message: Message, earlier: Mapping[str, Finding]) -> str | None:
-        if message.size > self.max_size:
-            return f"message of {message.size} bytes is over max_size {self.max_size}"
         if any(f.viruses for f in earlier.values()):
             return "virus found"
         return None
 
     def run(self, message: Message) -> Finding:
+        view = message.truncated(self.max_size)
         failures = []
         for address in self.addresses:
             try:
@@ -128,18 +130,19 @@ class SpamdCheck(Check):
                 failures.append(f"{address}: {e.strerror or e}")
                 continue
             try:
-                score, required, tests = parse_reply(self._exchange(sock, message, self._user))
+                score, required, tests = parse_reply(self._exchange(sock, view, self._user))
             except TimeoutError:
                 return self.finding("timeout", detail=f"{address}: no answer in {timeout:g}s")
             except (OSError, SpamdError) as e:
                 return self.finding("error", detail=printable(f"{address}: {e}"))
             finally:
                 sock.close()
-            return self.finding("ok", score=score, symbols=tests, detail=f"required {required:g}")
+            detail = f"required {required:g}" + (f"; {view.note()}" if view.truncated else "")
+            return self.finding("ok", score=score, symbols=tests, detail=detail)
         return self.finding("unavailable", detail=printable("; ".join(failures), 500))
 
     @staticmethod
-    def _exchange(sock: socket.socket, message: Message, user: bytes = b"") -> bytes:
+    def _exchange(sock: socket.socket, message: Message | View, user: bytes = b"") -> bytes:
         sock.sendall(b"REPORT SPAMC/1.5\r\n%sContent-length: %d\r\n\r\n" % (user, message.size))
         with message.open() as stream:
             while chunk := stream.read(CHUNK):

@@ -129,3 +129,15 @@ def test_dcc_temporary_failure_is_unavailable(dccifd):
     finding = DccCheck(str(dccifd.socket_path), 5, SCORING).run(message(b"TEMPFAIL-DCC-TOKEN"))
     assert finding.status == "unavailable"
     assert "(T)" in finding.detail
+
+
+def test_over_max_size_dccifd_gets_the_header_section_and_the_body_cut_at_a_line_end(dccifd):
+    """As amavis hands SpamAssassin's DCC plugin a truncated message; [dcc] max_size."""
+    body = b"".join(b"truncate me line %05d\r\n" % n for n in range(20000))  # 24 bytes a line
+    msg = message(body, threshold=4096)
+    finding = DccCheck(str(dccifd.socket_path), 5, SCORING, max_size=100_010).run(msg)
+    request = next(r for r in reversed(dccifd.requests()) if b"truncate me" in r["message"])
+    head = b"From: a@remote.test\r\nSubject: offer\r\n\r\n"
+    assert request["message"] == head + body[: 100_010 // 24 * 24]
+    assert finding.status == "ok"
+    assert finding.detail.endswith(f"; truncated: first {len(head) + 100_010 // 24 * 24} of {msg.size} bytes checked")

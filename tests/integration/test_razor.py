@@ -165,3 +165,18 @@ def test_report_without_an_identity_fails_and_says_why(razor_home):
         assert len(failures) == 1 and "identity was not found" in failures[0], failures
         assert failures[0].startswith("razor-report exit 2" if spam else "razor-revoke exit 2")
     assert time.monotonic() - t0 < 3
+
+
+def test_over_max_size_razor_check_gets_the_header_section_and_the_body_cut_at_a_line_end(tmp_path):
+    """As amavis hands SpamAssassin's Razor2 plugin a truncated message; [razor] max_size."""
+    script, got = tmp_path / "fake-razor", tmp_path / "stdin"
+    script.write_text(f"#!/bin/sh\ncat > {got}\necho '[ 6] mail 1.0 e=4 sig=AAAA: Is spam: cf 93 >= min_cf 50'\n")
+    script.chmod(0o755)
+    head = b"From: a@remote.test\r\nSubject: big\r\n\r\n"
+    raw = head + b"".join(b"body line %05d\r\n" % n for n in range(10000))  # 17 bytes a line
+    finding = RazorCheck(str(script), "", 3.0, SCORING, max_size=1000).run(message(raw))
+    assert got.read_bytes() == head + raw[len(head) : len(head) + 1000 // 17 * 17]
+    assert finding.score == 4.159
+    assert finding.detail == f"spam, cf 93; truncated: first {len(head) + 986} of {len(raw)} bytes checked"
+    small = RazorCheck(str(script), "", 3.0, SCORING, max_size=len(raw)).run(message(raw + b"x\r\n"))
+    assert got.read_bytes() == raw + b"x\r\n" and "truncated" not in small.detail

@@ -7,6 +7,7 @@ import json
 import mailbox
 import socket
 import subprocess
+import threading
 import time
 from email.message import EmailMessage
 from pathlib import Path
@@ -84,6 +85,7 @@ def test_spamd_scores_gtube_with_its_rules(spamd):
     assert finding.status == "ok"
     assert finding.score >= 1000
     assert ("GTUBE", 1000.0) in finding.symbols
+    assert "truncated" not in finding.detail
 
 
 def test_spamd_clean_message_scores_low(spamd):
@@ -113,13 +115,99 @@ def test_a_silent_scanner_times_out_within_the_deadline():
     assert findings["spamd"].status == "timeout"
 
 
-def test_spamd_is_skipped_for_a_virus_and_for_an_oversized_message(clamd, spamd):
+def test_spamd_is_skipped_for_a_virus_and_scores_an_oversized_message_truncated(clamd, spamd):
     pipeline = Pipeline([ClamavCheck([str(clamd.socket_path)], 10), SpamdCheck([f"127.0.0.1:{spamd.port}"], 30, 4096)])
     infected = pipeline.run(message(mail(attachment=("e.com", daemons.EICAR))))
     assert infected["spamd"].status == "skipped" and "virus" in infected["spamd"].detail
-    big = pipeline.run(message(mail("x" * 10000)))
-    assert big["spamd"].status == "skipped" and "max_size" in big["spamd"].detail
+    big = pipeline.run(message(mail("x" * 70 + "\n") * 150))
+    assert big["spamd"].status == "ok" and "truncated: first " in big["spamd"].detail
     assert big["clamav"].status == "ok"
+
+
+def large_spam(size: int = 2 * 1024 * 1024) -> bytes:
+    """A 2 MB message (CRLF): a 100 KB text part, a text part with GTUBE, then a text attachment to `size` bytes.
+
+    GTUBE is in a part of its own: SpamAssassin 4 scans body rules only in the first 50000 bytes of
+    each part (body_part_scan_size), so after 100 KB of the same part it never hits, whole or truncated.
+    """
+    import email.policy
+
+    def text(n: int, what: str) -> str:
+        lines = "".join(f"{what} line {i:06d}, padding padding padding padding padding.\n" for i in range(n // 60 + 1))
+        return lines[:n].rpartition("\n")[0] + "\n"
+
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "a@remote.test", "u@example.com", "newsletter"
+    msg["Date"], msg["Message-ID"] = email.utils.formatdate(), "<big.1@remote.test>"
+    msg.set_content(text(100 * 1024, "Newsletter"))
+    msg.add_attachment(GTUBE.decode() + "\n", disposition="inline")
+    raw = msg.as_bytes(policy=email.policy.SMTP)
+    msg.add_attachment(text((size - len(raw) - 400) * 60 // 61, "Archive"), filename="archive.txt")  # LF -> CRLF
+    return msg.as_bytes(policy=email.policy.SMTP)
+
+
+def test_a_2mb_spam_with_gtube_after_100kb_scores_as_spam_truncated_and_memory_stays_flat(spamd):
+    """amavis truncates what SpamAssassin gets; spamc --max-size would skip it and the spam would pass."""
+    import tracemalloc
+
+    raw = large_spam()
+    assert 2_000_000 < len(raw) <= 2 * 1024 * 1024 and 100 * 1024 < raw.index(GTUBE) < 512000
+    spooled = message(raw, threshold=64 * 1024)
+    assert spooled.spool.on_disk
+    tracemalloc.start()
+    try:
+        finding = SpamdCheck([f"127.0.0.1:{spamd.port}"], 60, 512000).run(spooled)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert finding.status == "ok" and ("GTUBE", 1000.0) in finding.symbols and finding.score >= 1000
+    view = spooled.truncated(512000)
+    assert finding.detail == f"required 5; truncated: first {view.size} of {len(raw)} bytes scored"
+    assert view.size <= raw.index(b"\r\n\r\n") + 4 + 512000
+    assert peak < 1 << 20, peak  # streamed from the spool: never the message, nor the 500 KB sent, in memory
+
+
+class RecordingSpamd:
+    """A one-shot stand-in spamd that keeps the request it got and answers a clean REPORT."""
+
+    def __init__(self):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.request = b""
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        conn, _ = self.server.accept()
+        with conn, self.server:
+            while data := conn.recv(65536):
+                self.request += data
+            conn.sendall(b"SPAMD/1.1 0 EX_OK\r\nSpam: False ; 1.0 / 5.0\r\n\r\n")
+
+    def sent(self) -> tuple[int, bytes]:
+        self.thread.join(10)
+        head, _, body = self.request.partition(b"\r\n\r\n")
+        length = int(next(line for line in head.split(b"\r\n") if line.startswith(b"Content-length:")).split()[1])
+        return length, body
+
+
+def test_spamd_gets_a_message_within_max_size_whole():
+    raw = mail("a line\n" * 100)
+    fake = RecordingSpamd()
+    finding = SpamdCheck([f"127.0.0.1:{fake.port}"], 10, len(raw)).run(message(raw))
+    assert (finding.status, finding.detail) == ("ok", "required 5")
+    assert fake.sent() == (len(raw), raw)
+
+
+def test_spamd_gets_the_header_section_and_the_body_cut_at_the_line_end_before_max_size():
+    raw = mail("".join(f"body line {n:03d}\n" for n in range(100)))  # LF lines of 14 bytes
+    head, line = raw[: raw.index(b"\n\n") + 2], 14
+    assert raw[len(head) : len(head) + line] == b"body line 000\n"
+    fake = RecordingSpamd()
+    finding = SpamdCheck([f"127.0.0.1:{fake.port}"], 10, 10 * line + 5).run(message(raw, threshold=256))
+    length, body = fake.sent()
+    assert body == raw[: len(head) + 10 * line] and length == len(body)  # the 11th line, cut in the middle, is not sent
+    assert finding.detail == f"required 5; truncated: first {len(body)} of {len(raw)} bytes scored"
 
 
 # ---- milterd scan, the offline front end -------------------------------------------------------

@@ -170,10 +170,10 @@ def test_backends_that_do_not_answer_are_down_and_come_up_with_an_ok_finding(mak
     assert counted(after, before, "milterd_check_results_total")[(("check", "clamav"), ("status", "unavailable"))] == 1
     assert counted(after, before, "milterd_check_results_total")[(("check", "spamd"), ("status", "unavailable"))] == 1
 
-    # clamd answers again; spamd is skipped (size): it says nothing of spamd, which stays down
+    # clamd answers again; spamd is skipped (a virus): it says nothing of spamd, which stays down
     findings = dict(disposition.findings)
     findings["clamav"] = Finding("clamav", "ok", True, elapsed=0.012, virus_scanned=True)
-    findings["spamd"] = Finding("spamd", "skipped", detail="over max_size")
+    findings["spamd"] = Finding("spamd", "skipped", detail="virus found")
     metrics.observe(replace(disposition, findings=findings))
     after = samples(metrics)
     assert after[("milterd_backend_up", (("address", clamd), ("check", "clamav")))] == 1

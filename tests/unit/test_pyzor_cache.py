@@ -105,10 +105,11 @@ class FakeServers:
     """query(digest, address, timeout) for an injected network: answers, errors or timeouts per port."""
 
     def __init__(self, answers):
-        self.answers, self.asked = answers, []
+        self.answers, self.asked, self.digests = answers, [], []
 
     def __call__(self, digest, address, timeout):
         self.asked.append((address[1], round(timeout, 1)))
+        self.digests.append(digest)
         answer = self.answers[address[1]]
         if isinstance(answer, Exception):
             raise answer
@@ -151,7 +152,16 @@ def test_answers_are_cached_failures_are_not():
     assert len(servers.asked) == 2
 
 
-def test_over_max_size_is_skipped_without_asking():
-    servers = FakeServers({})
-    finding = check(servers, 1, max_size=10).run(message())
-    assert finding.status == "skipped" and servers.asked == []
+def test_over_max_size_the_truncated_message_is_digested_as_amavis_gives_it_to_sa():
+    """amavis truncates what SpamAssassin gets; its Pyzor plugin digests that: so does milterd."""
+    from milterd.checks.pyzor import digest
+
+    servers = FakeServers({1: (7, 0)})
+    big = message("Cheap watches and more for everyone\n" * 6 + "Unrelated tail text\n" * 100)
+    finding = check(servers, 1, max_size=6 * 36).run(big)
+    assert finding.status == "ok" and finding.symbols == (("PYZOR_CHECK", 1.985),)
+    assert finding.detail.endswith(f"; truncated: first {14 + 6 * 36} of {big.size} bytes digested")
+    head = digest(b"Subject: x\r\n\r\n" + b"Cheap watches and more for everyone\n" * 6)
+    with big.open() as whole:
+        assert digest(whole.read()) != head  # the full message's digest is another one
+    assert servers.digests == [head]
