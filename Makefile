@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEB_PACKAGES := gcc python3-dev python3-venv libmilter-dev postfix clamav-daemon clamav-testfiles spamassassin spamd spamc \
-                razor pyzor python3-gdbm miltertest iproute2 libarchive13 libmagic1 mariadb-server
+                razor pyzor python3-gdbm miltertest iproute2 libarchive13 libmagic1 mariadb-server unar arj macutils
 # `make bench` also compares with amavisd-new and sends CPython's email test messages.
 BENCH_PACKAGES := amavisd-new libpython3.11-testsuite unbound
 

@@ -6,6 +6,13 @@ walk only names and types things, so it reads each member as a stream and keeps 
 only when the member is a container to open in turn. The limits are amavis': too deep leaves that
 container closed, too many files, too many expanded bytes or too long ends the walk; either way
 with a reason in `unchecked`, never with an exception.
+
+Who reads what: libarchive (in process, as a stream) the archive formats in FORMATS and the single
+compressed streams in COMPRESSED, which are decompressed as gunzip would, into the same quota;
+Debian's unar (a child process in its own process group, killed at the walk's deadline or past the
+quota, writing into a private temporary directory that is always removed) what libarchive cannot:
+ARJ, BinHex, zoo, ARC, and zip members packed with deflate64 or PKWARE implode; Python itself MIME,
+uuencode and TNEF.
 """
 
 from __future__ import annotations
@@ -14,14 +21,19 @@ import binascii
 import contextlib
 import ctypes
 import io
+import json
+import os
 import queue
 import quopri
 import re
+import shutil
+import signal
+import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.feedparser import BytesFeedParser
 from email.header import decode_header, make_header
 from email.message import Message as EmailPart
@@ -44,8 +56,7 @@ _malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", lambda pad: 0)
 HEAD = 64 * 1024  # what libmagic sees of each file: enough for ISO 9660's signature at 32 KiB
 BLOCK = 64 * 1024
 
-# Real types libarchive unpacks (ARJ is listed although libarchive cannot read it, so that an ARJ
-# attachment is reported unchecked instead of passing as an opaque file).
+# Real types libarchive unpacks.
 ARCHIVES = frozenset(
     {
         "application/zip",
@@ -69,7 +80,6 @@ ARCHIVES = frozenset(
         "application/x-archive",
         "application/vnd.debian.binary-package",
         "application/x-rpm",
-        "application/x-arj",
         "application/warc",
     }
 )
@@ -101,11 +111,26 @@ COMPRESSED = frozenset(
 MAYBE_ARCHIVES = frozenset(
     {"application/vnd.microsoft.portable-executable", "application/x-dosexec", "application/octet-stream"}
 )
-# Containers amavis opens and nothing here can: reported unchecked rather than passed as opaque files.
-UNREADABLE = {"application/mac-binhex40": "no BinHex decoder (Python 3.11 dropped binhex)"}
+# What a compressed stream holds that is listed in its place (a .tar.gz's files are the .gz's members,
+# as libarchive and tar list them); anything else inside is one member, named as gunzip names it.
+TARS = frozenset({"application/x-tar", "application/x-gtar", "application/x-ustar", "application/x-cpio"})
+# Containers libarchive cannot read and amavis opens with its external decoders: unar reads them.
+UNAR = frozenset(
+    {
+        "application/x-arj",
+        "application/mac-binhex40",
+        "application/x-zoo",
+        "application/x-arc",
+        "application/x-stuffit",
+    }
+)
+# Zip members libarchive reads the directory of but cannot decompress: unar extracts those members.
+_UNAR_METHODS = re.compile(r"Unsupported ZIP compression method", re.IGNORECASE)
+UNAR_POLL = 0.02  # seconds between looks at a running unar (deadline, extracted bytes and files)
+LISTING_MAX = 16 * 1024 * 1024  # lsar's JSON listing of one archive; more is a hostile archive
 TNEF = frozenset({"application/vnd.ms-tnef", "application/ms-tnef"})
 MAIL = "message/rfc822"
-# Not "all": mtree makes members out of a text list of file names, raw takes anything (added for COMPRESSED).
+# Not "all": mtree makes members out of a text list of file names, raw takes anything (only for COMPRESSED).
 FORMATS = ("7zip", "ar", "cab", "cpio", "iso9660", "lha", "rar", "rar5", "tar", "warc", "xar", "zip")
 # Only decompressors built into libarchive: the others run external programs on hostile input.
 FILTERS = ("gzip", "bzip2", "xz", "lzma", "lzip", "zstd", "lz4", "compress", "rpm")
@@ -318,18 +343,20 @@ class _Walk:
                 self.descend(part.path, part.depth + 1)
                 stream = io.BytesIO(source) if isinstance(source, bytes) else source  # BytesIO shares bytes
                 self.message(self.parse(stream, part.path), part.path, part.depth + 1)
-            elif real in ARCHIVES or real in COMPRESSED or real.startswith(ZIP_DOCUMENTS):
-                self._archive(part, source, raw=real in COMPRESSED)
-            elif real in UNREADABLE:
-                self.unchecked.append(f"{part.path}: cannot unpack: {UNREADABLE[real]}")
+            elif real in COMPRESSED:
+                self._decompress(part, source)
+            elif real in ARCHIVES or real.startswith(ZIP_DOCUMENTS):
+                self._archive(part, source)
+            elif real in UNAR:
+                self._unar(part, source)
             elif real in MAYBE_ARCHIVES:
-                self._archive(part, source, raw=False, optional=True)
+                self._archive(part, source, optional=True)
             elif real.startswith("text/") and isinstance(source, bytes) and b"begin " in source:
                 self._uuencoded(part, source)
 
-    def _archive(self, part: Part, source: bytes | BinaryIO, raw: bool, optional: bool = False) -> None:
+    def _archive(self, part: Part, source: bytes | BinaryIO, optional: bool = False) -> None:
         """Every regular file in the archive, read as a stream; `optional`: not being one is fine."""
-        with _reader(raw) as archive:
+        with _reader() as archive:
             try:
                 _open(archive, source)
                 entries = iter(ArchiveRead(archive))
@@ -338,19 +365,33 @@ class _Walk:
                 if optional and not _encrypted(_reason(exc)):
                     return
                 raise
-            single = ffi.format_name(archive) == b"raw"
-            if entry is not None and single and ffi.filter_count(archive) <= 1:
-                raise ValueError(f"not {part.real_type} data")  # raw without a decompressor: the input itself
             buffer = ctypes.create_string_buffer(BLOCK)
             n = 0
+            deferred: dict[str, str] = {}  # members libarchive cannot decompress: name -> its reason
             while entry is not None:
                 if entry.isfile:
                     n += 1
-                    name = _decompressed_name(part.name) if single else _text(entry.pathname)
-                    self._member(archive, buffer, entry, part, name, n)
+                    name = _text(entry.pathname)
+                    self._member(archive, buffer, entry, part, name, n, deferred)
                 entry = next(entries, None)
+        if deferred:  # deflate64, implode: unar extracts just those, and what it cannot stays unchecked
+            also = ""
+            try:
+                self._unar(part, source, only=set(deferred))
+            except (_Stop, _TooDeep):
+                raise
+            except Exception as exc:
+                also = f"; {_reason(exc)}"
+            found = {p.name for p in self.parts if p.path.startswith(part.path + "/") and p.real_type}
+            for name, failure in deferred.items():
+                path = _join(part.path, name)
+                if name not in found:
+                    self.admit(path, part.depth + 1)
+                    self.record(path, name, "", part.depth + 1, True, 0)
+                if name not in found or also:
+                    self.unchecked.append(_failure(path, "cannot unpack", failure + also))
 
-    def _member(self, archive, buffer, entry, parent: Part, name: str, n: int) -> None:
+    def _member(self, archive, buffer, entry, parent: Part, name: str, n: int, deferred: dict) -> None:
         path = _join(parent.path, name or ("data" if n == 1 else f"member{n}"))
         depth = parent.depth + 1
         self.admit(path, depth)
@@ -359,15 +400,10 @@ class _Walk:
             self.unchecked.append(f"encrypted: {path}")
             return
         with _Content(self.identify, self.limits.spill_dir) as content:
-            try:
-                while (size := ffi.read_data(archive, buffer, BLOCK)) > 0:
-                    self.tick(path)
-                    self.spend(size, path)
-                    content.add(buffer, size)
-            except ArchiveError as exc:  # this member only: the next one may still read
-                failure = _reason(exc)
-            else:  # ARCHIVE_WARN ends the data early: bad CRC, wrong size
-                failure = _text(ffi.error_string(archive)) or "truncated" if size < 0 else ""
+            failure = self._read(archive, buffer, content, path)
+            if failure and name and content.size == 0 and _UNAR_METHODS.search(failure):
+                deferred[name] = failure
+                return
             if failure:
                 self.record(path, name, "", depth, True, content.size)
                 self.unchecked.append(_failure(path, "cannot unpack", failure))
@@ -375,6 +411,158 @@ class _Walk:
             part = self.record(path, name, "", depth, True, content.size, content.type())
             if source := content.source():
                 self.contents(part, source)
+
+    def _read(self, archive, buffer, content: _Content, path: str) -> str:
+        """The current entry's data into `content`, within the quota and the deadline; why it stopped early."""
+        try:
+            while (size := ffi.read_data(archive, buffer, BLOCK)) > 0:
+                self.tick(path)
+                self.spend(size, path)
+                content.add(buffer, size)
+        except ArchiveError as exc:  # this member only: the next one may still read
+            return _reason(exc)
+        # ARCHIVE_WARN ends the data early: bad CRC, wrong size
+        return _text(ffi.error_string(archive)) or "truncated" if size < 0 else ""
+
+    def _decompress(self, part: Part, source: bytes | BinaryIO) -> None:
+        """A single compressed stream (.gz, .bz2, .xz, .zst, .lz ...), decompressed as gunzip would, every
+        byte counted against the quota: a tar inside is listed in its place (a .tar.gz's files are its
+        members), anything else is one member named as gunzip names it. Not libarchive's format bidding
+        over the stream: a stream of zeros is a valid empty tar to it, and a bomb would pass unread."""
+        with _reader(formats=("raw",)) as archive:
+            _open(archive, source)
+            entry = next(iter(ArchiveRead(archive)), None)
+            if entry is None or ffi.filter_count(archive) <= 1:  # raw without a decompressor: the input itself
+                raise ValueError(f"not {part.real_type} data")
+            name = _decompressed_name(part.name.rpartition("/")[2])  # a member's name is its path in the archive
+            path = _join(part.path, name or "data")
+            depth = part.depth + 1
+            self.admit(path, depth)
+            with _Content(self.identify, self.limits.spill_dir) as content:
+                failure = self._read(archive, ctypes.create_string_buffer(BLOCK), content, path)
+                if failure:
+                    self.record(path, name, "", depth, True, content.size)
+                    self.unchecked.append(_failure(path, "cannot unpack", failure))
+                    return
+                real = content.type()
+                inner = content.source()
+                if real in TARS and inner is not None:
+                    self._archive(replace(part, real_type=real), inner)
+                    return
+                member = self.record(path, name, "", depth, True, content.size, real)
+                if inner is not None:
+                    self.contents(member, inner)
+
+    def _unar(self, part: Part, source: bytes | BinaryIO, only: set[str] | None = None) -> None:
+        """What libarchive cannot read, through Debian's lsar/unar as amavis runs its external decoders:
+        listed first (declared sizes against the quota), then extracted into a private temporary
+        directory watched for the deadline, the quota and max_files, and always removed. `only`: just
+        these members (of a zip whose other members libarchive read)."""
+        limits = self.limits
+        if not limits.unar_command or not limits.lsar_command:
+            raise ValueError(f"no decoder for {part.real_type} (unar_command is empty)")
+        workdir = tempfile.mkdtemp(prefix="milterd-unar-", dir=limits.spill_dir or None)
+        try:
+            archive = os.path.join(workdir, "archive")
+            _copy(source, archive)
+            listing = self._run([limits.lsar_command, "-j", "--", archive], workdir, part.path, None)
+            entries = _listing(listing)
+            if only is not None:
+                entries = [entry for entry in entries if entry["name"] in only]
+                if not entries:
+                    return
+            files = [entry for entry in entries if not entry["dir"] and not entry["link"]]
+            for entry in files:
+                if entry["encrypted"]:
+                    path = _join(part.path, entry["name"])
+                    self.admit(path, part.depth + 1)
+                    self.record(path, entry["name"], "", part.depth + 1, True, entry["size"])
+                    self.unchecked.append(f"encrypted: {path}")
+            files = [entry for entry in files if not entry["encrypted"]]
+            if not files:
+                return
+            if self.expanded + sum(entry["size"] for entry in files) > self.quota:
+                raise _Stop(f"max_expansion_quota {self.quota} bytes exceeded at {part.path}")
+            out = os.path.join(workdir, "out")
+            os.mkdir(out)
+            argv = [limits.unar_command, "-q", "-no-directory", "-force-rename", "-no-recursion", "-forks", "skip"]
+            argv += ["-password", "", "-output-directory", out]
+            if only is not None:
+                argv += ["-indexes", "--", archive, *(str(entry["index"]) for entry in files)]
+            else:
+                argv += ["--", archive]
+            try:
+                self._run(argv, workdir, part.path, out)
+            except _Stop:
+                raise
+            except Exception:  # what it extracted before it failed is walked too, then the failure is reported
+                self._walk_extracted(part, out)
+                raise
+            self._walk_extracted(part, out)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def _run(self, argv: list[str], workdir: str, where: str, out: str | None) -> bytes:
+        """`argv` without a shell, in its own process group; killed as a group at the deadline or when `out`
+        grows past the quota or max_files. Its stdout (from a file: no pipe to fill), raising on failure."""
+        stdout_path, stderr_path = os.path.join(workdir, "stdout"), os.path.join(workdir, "stderr")
+        with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
+            try:
+                process = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=stdout,
+                    stderr=stderr,
+                    cwd=workdir,
+                    start_new_session=True,
+                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"},
+                )
+            except OSError as exc:
+                raise ValueError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
+        try:
+            while True:
+                # Exited but not yet reaped: its process group id cannot have been reused yet.
+                if os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                    break
+                self.tick(where)
+                if out is not None:
+                    count, size = _usage(out)
+                    if self.expanded + size > self.quota:
+                        raise _Stop(f"max_expansion_quota {self.quota} bytes exceeded at {where}")
+                    if len(self.parts) + count > self.limits.max_files:
+                        raise _Stop(f"max_files {self.limits.max_files} exceeded at {where}")
+                elif os.path.getsize(stdout_path) > LISTING_MAX:
+                    raise ValueError(f"{argv[0]}: listing larger than {LISTING_MAX} bytes")
+                time.sleep(UNAR_POLL)
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)  # what it left running, or all of it
+            process.wait()
+        if process.returncode != 0:
+            with open(stderr_path, "rb") as stderr:
+                message = _text(stderr.read()[-400:]).replace(workdir + "/", "").strip().splitlines()
+            raise ValueError(f"{os.path.basename(argv[0])}: {message[-1] if message else f'exit {process.returncode}'}")
+        with open(stdout_path, "rb") as stdout:
+            return stdout.read()
+
+    def _walk_extracted(self, parent: Part, out: str) -> None:
+        for relative in sorted(_extracted(out)):
+            self._extracted(parent, relative, os.path.join(out, relative))
+
+    def _extracted(self, parent: Part, relative: str, file: str) -> None:
+        """A file unar extracted: named, typed and opened like any other member."""
+        path = _join(parent.path, relative)
+        depth = parent.depth + 1
+        with self.guard(path, "cannot unpack"):
+            self.admit(path, depth)
+            with open(file, "rb") as stream:
+                size = os.fstat(stream.fileno()).st_size
+                self.spend(size, path)
+                real = self.identify(stream.read(HEAD))
+                part = self.record(path, relative, "", depth, True, size, real)
+                if _container(real):
+                    stream.seek(0)
+                    self.contents(part, stream)
 
     def _tnef(self, part: Part, data: bytes) -> None:
         """winmail.dat: Outlook's attachments inside the attachment."""
@@ -444,13 +632,13 @@ class _Content:
 
 
 @contextlib.contextmanager
-def _reader(raw: bool) -> Iterator[int]:
-    """A libarchive read handle for our formats and filters; `raw` adds the format for non-tar compressed data."""
+def _reader(formats: tuple[str, ...] = FORMATS) -> Iterator[int]:
+    """A libarchive read handle for `formats` (raw: a compressed stream's content) and our filters."""
     archive = ffi.read_new()
     try:
         for name in FILTERS:
             ffi.get_read_filter_function(name)(archive)
-        for name in FORMATS + ("raw",) if raw else FORMATS:
+        for name in formats:
             ffi.get_read_format_function(name)(archive)
         yield archive
     finally:
@@ -465,6 +653,57 @@ def _open(archive: int, source: bytes | BinaryIO) -> None:
         ffi.read_open_fd(archive, source.fileno(), BLOCK)
 
 
+def _copy(source: bytes | BinaryIO, target: str) -> None:
+    """The container's bytes into a file of our own for unar (a spilled member has no name)."""
+    with open(target, "wb") as out:
+        if isinstance(source, bytes):
+            out.write(source)
+        else:
+            source.seek(0)
+            shutil.copyfileobj(source, out, BLOCK)
+
+
+def _listing(stdout: bytes) -> list[dict]:
+    """lsar -j's entries: index, name, declared size, and what kind of entry."""
+    listing = json.loads(stdout)
+    entries = []
+    for item in listing.get("lsarContents", []) if isinstance(listing, dict) else []:
+        if not isinstance(item, dict):
+            continue
+        size = item.get("XADFileSize", 0)
+        entries.append(
+            {
+                "index": int(item.get("XADIndex", len(entries))),
+                "name": _text(item.get("XADFileName")) if isinstance(item.get("XADFileName"), str) else "",
+                "size": size if isinstance(size, int) and size > 0 else 0,
+                "dir": bool(item.get("XADIsDirectory")),
+                "link": bool(item.get("XADIsLink")),
+                "encrypted": bool(item.get("XADIsEncrypted")),
+            }
+        )
+    return entries
+
+
+def _usage(directory: str) -> tuple[int, int]:
+    """Files and bytes under `directory`, links not followed."""
+    count = size = 0
+    for root, _dirs, names in os.walk(directory):
+        for name in names:
+            with contextlib.suppress(OSError):
+                size += os.lstat(os.path.join(root, name)).st_size
+                count += 1
+    return count, size
+
+
+def _extracted(directory: str) -> Iterator[str]:
+    """Regular files under `directory` (not symbolic links), as paths relative to it."""
+    for root, _dirs, names in os.walk(directory):
+        for name in names:
+            file = os.path.join(root, name)
+            if os.path.isfile(file) and not os.path.islink(file):
+                yield os.path.relpath(file, directory)
+
+
 def _container(real: str) -> bool:
     return (
         real in ARCHIVES
@@ -472,7 +711,7 @@ def _container(real: str) -> bool:
         or real in MAYBE_ARCHIVES
         or real in TNEF
         or real == MAIL
-        or real in UNREADABLE
+        or real in UNAR
         or real.startswith(ZIP_DOCUMENTS)
     )
 

@@ -46,6 +46,10 @@ class BannedSettings:
     walk_slots: int = field(default=2, metadata=POSITIVE)  # messages walked at once (Python: the GIL bounds it)
     magic_handles: int = field(default=4, metadata=POSITIVE)  # libmagic handles the walks share
     spill_dir: str = ""  # where archive members past 64 KiB that are archives themselves go ("" = the temp dir)
+    # Debian's unar/lsar read what libarchive cannot (ARJ, BinHex, zoo, ARC, StuffIt, deflate64 and
+    # implode zip members), as amavis runs external decoders; "" = those stay UNCHECKED.
+    unar_command: str = "unar"
+    lsar_command: str = "lsar"
 
 
 # Right-to-left override and friends (the "invoice_exe.pdf" trick), NUL and other C0/C1 controls.

@@ -107,10 +107,10 @@ CLAMAV = {
     "clam_cache_emax.tgz": INSIDE,  # nine nested tgz
     "clam.exe.mbox.uu": INSIDE,  # a uuencoded block in a text attachment
     **{path.name: ITSELF for path in TESTFILES.glob("clam*.exe") if "IScab" not in path.name},
-    "clam.arj": UNCHECKED,  # libarchive has no ARJ reader
-    "clam.d64.zip": UNCHECKED,  # nor deflate64
-    "clam.impl.zip": UNCHECKED,  # nor PKWARE implode
-    "clam.exe.binhex": UNCHECKED,  # and Python 3.11 has no BinHex decoder
+    "clam.arj": INSIDE,  # libarchive has no ARJ reader: unar reads it
+    "clam.d64.zip": INSIDE,  # nor deflate64: unar extracts that member
+    "clam.exe.binhex": INSIDE,  # and Python 3.11 has no BinHex decoder: unar
+    "clam.impl.zip": UNCHECKED,  # PKWARE implode: unar 1.10.1 fails on it ("read more data than was available")
     **{name: OPAQUE for name in ("clam.chm", "clam.ole.doc", "clam.ppt", "clam.pdf", "clam.sis", "clam.exe.szdd")},
     **{name: OPAQUE for name in ("clam.exe.html", "clam.exe.rtf", "clam.exe.mbox.base64", "clam.mail")},
 }
