@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from . import __version__, report, sources
+from . import __version__, report, sources, stats
 from .config import load_config
 from .message import Envelope, Message, Spool
 from .quarantine import CATEGORIES as QUARANTINE_CATEGORIES
@@ -98,9 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     keygen.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
     keygen.add_argument("--dir", type=Path, default=Path("."), help="where DOMAIN.SELECTOR.key goes (default .)")
 
+    stats.add_parser(sub)
+
     args = parser.parse_args(argv)
     if args.command == "dkim-keygen":  # needs no configuration
         return _keygen(args)
+    if args.command == "stats":  # reads a log, needs no configuration
+        return stats.run(args)
     try:
         config = load_config(args.config)
     except ConfigError as e:
