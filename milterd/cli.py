@@ -41,9 +41,20 @@ def main(argv: list[str] | None = None) -> int:
     scan.add_argument("--helo", default="", help="SMTP HELO name")
     scan.add_argument("--daemon-name", default="", help="Postfix {daemon_name}: the smtpd service (policy banks)")
     scan.add_argument("--auth-user", default="", help="SASL login name: the client authenticated (originating)")
-    scan.add_argument("--jobs", type=int, default=4, help="messages scanned at once (default 4)")
+    scan.add_argument("--jobs", type=int, help="messages scanned at once (default: [milter] max_concurrent, at most 8)")
+    scan.add_argument(
+        "--only",
+        choices=("all", "blocked", "unchecked"),
+        default="all",
+        help="which messages are listed: all (default), blocked (not accepted), unchecked (a check could not"
+        " inspect it); the summary counts every message",
+    )
+    scan.add_argument("--json-summary", action="store_true", help='with --json: a last line {"summary": {...}}')
+    scan.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     scan.add_argument("-v", "--verbose", action="store_true", help="log one line per message to stderr")
-    scan.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    scan.add_argument(
+        "paths", nargs="+", type=Path, metavar="PATH", help=".eml files, mboxes, Maildirs; - reads standard input"
+    )
 
     rep = sub.add_parser(
         "report", help="report messages as spam or ham: Pyzor, Razor, and SpamAssassin through spamd TELL"
@@ -396,24 +407,60 @@ def _setup_logging(log_file: str, level: str, foreground: bool) -> None:
 
 
 def _scan(config, args) -> int:
+    """Scan messages with the daemon's checks and policy; the table (or --json) on stdout, a summary at the end.
+
+    Sources are read as they are scanned (an mbox one message at a time), at most a few messages
+    per job ahead, so memory stays flat whatever their size; results print in the sources' order.
+    """
+    import itertools
+    import time
+    from collections import deque
+
+    from . import scanreport
     from .engine import build_engine
 
     _setup_logging("", "info" if args.verbose else "warning", foreground=True)
+    jobs = args.jobs if args.jobs is not None else scanreport.default_jobs(config.milter.max_concurrent)
+    if jobs < 1:
+        print("milterd: --jobs must be 1 or more", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json_summary and not args.json:
+        print("milterd: --json-summary goes with --json", file=sys.stderr)
+        return EXIT_USAGE
+    if sum(str(p) == "-" for p in args.paths) > 1:
+        print("milterd: - (standard input) can be given once", file=sys.stderr)
+        return EXIT_USAGE
     try:
-        items = [item for path in args.paths for item in sources.items(path)]
+        for path in args.paths:  # every path checked before the first message is scanned
+            if str(path) != "-" and not path.exists():
+                raise sources.SourceError(f"{path}: no such file or directory")
+        total: int | None = 0
+        for path in args.paths:
+            total = None if str(path) == "-" or total is None else total + sources.count(path)
+        items = itertools.chain.from_iterable(
+            sources.stdin_items(sys.stdin.buffer) if str(p) == "-" else sources.iterate(p) for p in args.paths
+        )
     except (sources.SourceError, OSError) as e:
         print(f"milterd: {e}", file=sys.stderr)
         return EXIT_USAGE
-    if args.jobs < 1:
-        print("milterd: --jobs must be 1 or more", file=sys.stderr)
-        return EXIT_USAGE
     # Scanning is offline: one message at a time per job, so the engine needs as many slots as jobs.
     try:
-        engine = build_engine(replace(config, milter=replace(config.milter, max_concurrent=args.jobs)), offline=True)
+        engine = build_engine(replace(config, milter=replace(config.milter, max_concurrent=jobs)), offline=True)
     except ConfigError as e:
         print(f"milterd: {e}", file=sys.stderr)
         return EXIT_USAGE
-    progress = _Progress(len(items)) if not args.json and sys.stderr.isatty() and len(items) > 20 else None
+    progress = None
+    if not args.quiet and sys.stderr.isatty() and total != 1:
+        progress = scanreport.Progress(total, sys.stderr)
+    to_terminal = progress is not None and sys.stdout.isatty()
+
+    def write(text: str) -> None:
+        if to_terminal:
+            progress.clear()
+        print(text, flush=True)
+
+    tally = scanreport.Tally(collapse=total != 1)
+    lister = scanreport.Lister(tally, args.only, write)
 
     def scan_one(item: sources.Item):
         with item.open() as stream:
@@ -436,40 +483,47 @@ def _scan(config, args) -> int:
             message.close()
         return item.name, disposition
 
-    blocked = False
+    def show(name, disposition) -> None:
+        if args.json:
+            tally.observe(name, disposition)
+            if scanreport.listed(args.only, disposition):
+                write(report.as_json(name, disposition))
+        else:
+            lister.add(name, disposition)
+        if progress:
+            progress.step()
+
+    started = time.monotonic()
     if not args.json:
-        print(report.TABLE_HEAD)
+        write(report.TABLE_HEAD)
     try:
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            for name, disposition in pool.map(scan_one, items):
-                blocked |= disposition.outcome.verdict.blocked
-                if progress:
-                    progress.step()
-                print(report.as_json(name, disposition) if args.json else report.as_row(name, disposition), flush=True)
-    except OSError as e:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            window: deque = deque()  # in order; a few per job ahead so no job waits on the reader
+            for item in items:
+                window.append(pool.submit(scan_one, item))
+                if len(window) >= 2 * jobs:
+                    show(*window.popleft().result())
+            while window:
+                show(*window.popleft().result())
+    except (sources.SourceError, OSError) as e:
         print(f"milterd: {e}", file=sys.stderr)
         return EXIT_USAGE
     finally:
         engine.close()
         if progress:
             progress.done()
-    return EXIT_BLOCKED if blocked else EXIT_OK
-
-
-class _Progress:
-    """A one-line progress bar on stderr for large mboxes and Maildirs."""
-
-    def __init__(self, total: int):
-        self.total, self.count = total, 0
-
-    def step(self) -> None:
-        self.count += 1
-        filled = 30 * self.count // self.total
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.count}/{self.total}")
-        sys.stderr.flush()
-
-    def done(self) -> None:
-        sys.stderr.write("\n")
+    elapsed = time.monotonic() - started
+    try:
+        if args.json:
+            if args.json_summary:
+                write(scanreport.summary_json(tally, elapsed, jobs))
+        else:
+            lister.flush()
+            write("\n".join(tally.summary_lines(elapsed, jobs, lister.notes)))
+    except OSError as e:
+        print(f"milterd: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_BLOCKED if tally.blocked_count else EXIT_OK
 
 
 if __name__ == "__main__":

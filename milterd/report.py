@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 
 from .engine import Disposition
 
@@ -38,11 +39,26 @@ def as_json(name: str, disposition: Disposition) -> str:
 TABLE_HEAD = f"{'ACTION':<9} {'CATEGORY':<10} {'SCORE':>7}  FILE / DETAIL"
 
 
-def as_row(name: str, disposition: Disposition) -> str:
+def check_details(disposition: Disposition) -> list[str]:
+    """The checks that failed, were skipped or did not inspect the message, each with why."""
+    shown = [f for f in disposition.findings.values() if f.failed or f.status in ("skipped", "unchecked")]
+    return [f"{f.name} {f.status}: {f.detail}" for f in shown]
+
+
+def row_head(name: str, disposition: Disposition) -> str:
     verdict = disposition.outcome.verdict
     score = "-" if verdict.spam_score is None else f"{verdict.spam_score:.1f}"
-    details = [verdict.reason] if verdict.reason else []
-    shown = [f for f in disposition.findings.values() if f.failed or f.status in ("skipped", "unchecked")]
-    details += [f"{f.name} {f.status}: {f.detail}" for f in shown]
-    line = f"{verdict.action:<9} {verdict.category.name:<10} {score:>7}  {name}"
-    return line + "".join(f"\n{'':<30}{d}" for d in details)
+    return f"{verdict.action:<9} {verdict.category.name:<10} {score:>7}  {name}"
+
+
+def with_details(head: str, details: list[str]) -> str:
+    return head + "".join(f"\n{'':<30}{d}" for d in details)
+
+
+def as_row(name: str, disposition: Disposition, omit: Collection[str] = ()) -> str:
+    """The message's line, then what explains it: the verdict's reason and the checks' skips and
+    failures, less those in `omit` (said once for every message, in scan's summary)."""
+    reason = disposition.outcome.verdict.reason
+    details = [reason] if reason else []
+    details += [d for d in check_details(disposition) if d not in omit]
+    return with_details(row_head(name, disposition), details)
