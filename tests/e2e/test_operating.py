@@ -9,7 +9,6 @@ signalling, stopping or starving one disturbs no other test.
 from __future__ import annotations
 
 import concurrent.futures
-import email.utils
 import os
 import re
 import shutil
@@ -28,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from milterd.config import MilterSettings
 from tests import daemons
 from tests.conftest import GTUBE, MILTERD, Milterd, start_milterd, stop_milterd, write_config
-from tests.e2e.test_postfix import attachment_message, header, new_token
+from tests.e2e.test_postfix import attachment_message, compose, header
 from tests.integration.test_message_timeout import Stalled
 
 CLEAN = b"Hello Bob, lunch on Thursday at noon?"
@@ -118,17 +117,7 @@ def submit(
     rig: Rig, listener: str, body: bytes, subject: str = "test", extra: bytes = b"", smtp: smtplib.SMTP | None = None
 ) -> tuple[int, bytes, bytes]:
     """One message with a unique token: (SMTP code of the end of DATA, or of the command refused; text; token)."""
-    token = new_token()
-    raw = (
-        f"From: sender@remote.test\r\nTo: user@example.com\r\nSubject: {subject}\r\n"
-        f"Message-ID: <{token.decode()}@remote.test>\r\nDate: {email.utils.formatdate()}\r\n".encode()
-        + extra
-        + b"\r\n"
-        + body
-        + b"\r\n"
-        + token
-        + b"\r\n"
-    )
+    token, raw = compose(body, subject, extra)
     try:
         if smtp is not None:
             smtp.sendmail("sender@remote.test", ["user@example.com"], raw)

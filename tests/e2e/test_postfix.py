@@ -65,18 +65,10 @@ def new_token() -> bytes:
     return b"mtok_" + uuid.uuid4().hex.encode()
 
 
-def send(
-    mta,
-    listener: str,
-    body: bytes,
-    rcpts=("user@example.com",),
-    subject="test",
-    extra=b"",
-    sender="sender@remote.test",
-    from_header: str | None = None,
-) -> bytes:
-    """Submit one message with a unique token; returns the token. SMTP errors propagate."""
-    postfix = mta[0]
+def compose(
+    body: bytes, subject="test", extra=b"", sender="sender@remote.test", from_header: str | None = None
+) -> tuple[bytes, bytes]:
+    """A message to user@example.com with a unique token after the body: (token, raw)."""
     token = new_token()
     domain = sender.rpartition("@")[2]
     raw = (
@@ -89,6 +81,22 @@ def send(
         + token
         + b"\r\n"
     )
+    return token, raw
+
+
+def send(
+    mta,
+    listener: str,
+    body: bytes,
+    rcpts=("user@example.com",),
+    subject="test",
+    extra=b"",
+    sender="sender@remote.test",
+    from_header: str | None = None,
+) -> bytes:
+    """Submit one message with a unique token; returns the token. SMTP errors propagate."""
+    postfix = mta[0]
+    token, raw = compose(body, subject, extra, sender, from_header)
     with smtplib.SMTP("127.0.0.1", postfix.ports[listener], timeout=60) as smtp:
         smtp.sendmail(sender, list(rcpts), raw)
     return token
