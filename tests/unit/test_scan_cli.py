@@ -10,6 +10,7 @@ import re
 import select
 import subprocess
 import sys
+import tempfile
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -139,24 +140,20 @@ def test_progress_bar_on_a_terminal_not_in_a_pipe(setup):
     config, box = setup
     # stderr on a pseudo-terminal, stdout to a pipe: the bar goes to the terminal only
     controller, terminal = pty.openpty()
-    proc = subprocess.Popen(
-        [MILTERD, "scan", "--config", str(config), str(box)], stdout=subprocess.PIPE, stderr=terminal
-    )
-    os.close(terminal)
-    seen = b""
-    while True:
-        ready, _, _ = select.select([controller], [], [], 60)
-        if not ready:
-            break
-        try:
-            chunk = os.read(controller, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        seen += chunk
-    out, _ = proc.communicate(timeout=120)
-    os.close(controller)
+    # stdout to a file, not a pipe nobody reads while the terminal is read: 1,000 rows fill a pipe
+    with tempfile.TemporaryFile() as listing:
+        proc = subprocess.Popen([MILTERD, "scan", "--config", str(config), str(box)], stdout=listing, stderr=terminal)
+        seen = b""
+        while True:  # the terminal stays open here too, so reading it never ends early in EIO
+            ready, _, _ = select.select([controller], [], [], 0.5)
+            if ready:
+                seen += os.read(controller, 65536)
+            elif proc.poll() is not None:
+                break
+        os.close(terminal)
+        os.close(controller)
+        listing.seek(0)
+        out = listing.read()
     assert proc.returncode == 1
     assert b"1000/1000 100%" in seen and b"msg/s" in seen and b"ETA" in seen
     assert b"\r" not in out and b"msg/s" not in out and b"Summary: 1000 messages" in out
