@@ -82,8 +82,11 @@ class Entry:
 
 
 def new_id() -> str:
-    """12 characters of [A-Za-z0-9_-] from 72 random bits, as amavis' mail_id."""
-    return base64.urlsafe_b64encode(os.urandom(9)).decode("ascii")
+    """12 characters of [A-Za-z0-9_-] from 72 random bits, as amavis' mail_id; never starting with
+    "-", which a command line would take for an option (`milterd release -x...`)."""
+    while (mail_id := base64.urlsafe_b64encode(os.urandom(9)).decode("ascii")).startswith("-"):
+        pass
+    return mail_id
 
 
 class DirectoryStore:

@@ -58,9 +58,10 @@ def evaluate(path: Path, raw: bytes = EXE, queue_id: str = "4QID"):
         engine.close()
 
 
-def test_ids_are_twelve_url_safe_characters():
-    ids = {new_id() for _ in range(1000)}
-    assert len(ids) == 1000 and all(ID.fullmatch(i) for i in ids)
+def test_ids_are_twelve_url_safe_characters_never_starting_like_an_option():
+    ids = {new_id() for _ in range(5000)}
+    assert len(ids) == 5000 and all(ID.fullmatch(i) for i in ids)
+    assert not any(i.startswith("-") for i in ids)  # 1 in 64 would, and `milterd release -x...` fails
 
 
 def test_what_is_kept_is_the_blocking_category_or_the_main_one_of_delivered_mail():
