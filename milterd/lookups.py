@@ -268,9 +268,6 @@ class Bank:
         return True
 
 
-BANK_MATCH = ("name", "daemon_name", "originating", "client_networks")
-
-
 def parse_bank(table: dict, path: Path, where: str, check: Callable[[dict], None]) -> Bank:
     """One [[bank]]: its match keys; every other key is a policy setting, checked by `check`."""
     table = dict(table)

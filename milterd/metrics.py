@@ -26,8 +26,7 @@ import threading
 import time
 import typing
 from collections import deque
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
@@ -150,15 +149,6 @@ class SessionTracker:
     def end(self, sid: int) -> None:
         with self._lock:
             self._sessions.pop(sid, None)
-
-    @contextmanager
-    def session(self) -> Iterator[int]:
-        """`with tracker.session() as sid:` for code that holds a whole session in one call."""
-        sid = self.start()
-        try:
-            yield sid
-        finally:
-            self.end(sid)
 
     def __len__(self) -> int:
         return len(self._sessions)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
 
 from .engine import Disposition
 
@@ -53,12 +52,3 @@ def row_head(name: str, disposition: Disposition) -> str:
 
 def with_details(head: str, details: list[str]) -> str:
     return head + "".join(f"\n{'':<30}{d}" for d in details)
-
-
-def as_row(name: str, disposition: Disposition, omit: Collection[str] = ()) -> str:
-    """The message's line, then what explains it: the verdict's reason and the checks' skips and
-    failures, less those in `omit` (said once for every message, in scan's summary)."""
-    reason = disposition.outcome.verdict.reason
-    details = [reason] if reason else []
-    details += [d for d in check_details(disposition) if d not in omit]
-    return with_details(row_head(name, disposition), details)

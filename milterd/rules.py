@@ -55,10 +55,6 @@ class Rules:
     def is_local(self, address: str) -> bool:
         return is_local_domain(address, self.local_domains)
 
-    def policy_for(self, recipient: str) -> Policy:
-        """The policy of one recipient from policy.toml alone (no banks, no per-recipient maps)."""
-        return replace(self.policy, local=self.is_local(recipient), source=self.policy.source)
-
     def bank_policy(self, banks: tuple[str, ...]) -> Policy:
         """policy.toml with the named banks' settings over it, in order; made once per combination."""
         if not banks:

@@ -17,7 +17,6 @@ from . import report
 from .engine import Disposition
 from .policy import Category
 
-ONLY = ("all", "blocked", "unchecked")
 MAX_JOBS = 8  # scan's default --jobs at most: see default_jobs
 HOLD = 100  # rows held back while the details said of every message are not yet known
 NAMED = 20  # blocked messages the summary names
@@ -71,7 +70,6 @@ class Tally:
         self.check_max: dict[str, float] = {}
         self.check_status: dict[str, Counter[str]] = {}
         self.common: dict[str, None] | None = None  # ordered set: said of every message so far
-        self.partly: list[tuple[str, int, str]] = []  # (detail, first n messages had it, the n-th's name)
         self._last_name = ""
 
     def observe(self, name: str, disposition: Disposition) -> list[tuple[str, int, str]]:

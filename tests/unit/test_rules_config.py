@@ -11,6 +11,7 @@ import pytest
 
 from milterd import config as config_module
 from milterd.config import load_config
+from milterd.lookups import PolicyLookups, Transaction
 from milterd.policy import Destinies, Destiny, Policy, SubjectTags
 from milterd.rules import Rules, load_rules
 from milterd.tomlschema import ConfigError
@@ -78,18 +79,23 @@ def test_no_local_domains_means_no_recipient_is_local():
     assert not Rules().is_local("user@example.com")
 
 
+def policy_for(rules: Rules, recipient: str) -> Policy:
+    """The recipient's effective policy, as the milter looks it up at RCPT (no SQL, no maps here)."""
+    return PolicyLookups(rules, ["127.0.0.0/8"]).recipient(recipient, Transaction(client_ip="192.0.2.1")).policy
+
+
 def test_policy_for_a_local_recipient_is_the_policy_with_local_set():
     base = Policy(tag2_level=4.0, kill_level=4.0)
     rules = Rules(policy=base, local_domains=("example.com",))
-    assert rules.policy_for("<u@example.com>") == Policy(tag2_level=4.0, kill_level=4.0, local=True)
-    assert rules.policy_for("u@remote.test") == base
-    assert rules.policy_for("u@remote.test").local is False
+    assert policy_for(rules, "<u@example.com>") == Policy(tag2_level=4.0, kill_level=4.0, local=True)
+    assert policy_for(rules, "u@remote.test") == base
+    assert policy_for(rules, "u@remote.test").local is False
 
 
 def test_recipients_of_the_same_kind_share_an_equal_policy():
     rules = Rules(local_domains=(".example.org",))
-    assert rules.policy_for("a@example.org") == rules.policy_for("b@x.example.org")
-    assert rules.policy_for("a@example.org") != rules.policy_for("a@remote.test")
+    assert policy_for(rules, "a@example.org") == policy_for(rules, "b@x.example.org")
+    assert policy_for(rules, "a@example.org") != policy_for(rules, "a@remote.test")
 
 
 # The rules directory
