@@ -144,7 +144,8 @@ class Engine:
 
     def after_reply(self, disposition: Disposition) -> None:
         """What follows the decided reply: the log line, the admins' notification (queued, sent later)."""
-        log.info("%s", log_line(disposition))
+        if log.isEnabledFor(logging.INFO):  # scan without -v: no line, so none is built
+            log.info("%s", log_line(disposition))
         if self.metrics is not None:
             self.metrics.observe(disposition)
         if self.notifier is not None and not disposition.outcome.dry_run:
